@@ -1,0 +1,517 @@
+"""The hosted backend: runs an ``EditRequest`` on fal's ``fal-ai/flux-2/klein/9b/base/edit/lora``.
+
+One ``fal_client.AsyncClient`` per backend (never fal-client's module-level functions): local inputs
+are uploaded to fal's CDN (or inlined as data URIs), the job is submitted to the queue, its status
+is polled (queue position and log lines become progress), the result JSON is fetched and every
+output image is downloaded with a size limit. Every foreign failure (fal-client, httpx, PIL) is
+converted here, once, into the error tree of ``flux_mcp.errors``; no message ever carries the key.
+
+Jobs are bounded by ``job_timeout_s`` and cancelled on fal when they time out or when the awaiting
+task is cancelled. A semaphore shared by the whole backend keeps at most ``fal_concurrency`` jobs
+in flight, across concurrent calls and ``edit_seeds`` runs alike.
+
+This module knows nothing about MCP, presets or the result store, and never imports torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, TypeVar, cast
+
+import anyio
+import fal_client
+import fal_client.client
+import httpx
+from PIL import Image, UnidentifiedImageError
+from pydantic import ValidationError
+
+from ..config import Settings
+from ..errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    FluxMCPError,
+    InvalidRequest,
+    JobFailed,
+)
+from ..schema import ENDPOINT_ID, EditRequest, EditResult, ImageFile
+from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
+
+__all__ = ["FalBackend"]
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.15
+#: Our own retries, on top of fal-client's (which only retries 408/409/429, transport errors and
+#: nginx-looking 502-504): 4 attempts, sleeping 0.25, 0.5, 1 s (±25 %), so under 10 s in all.
+ATTEMPTS = 4
+BACKOFF_S = 0.25
+MAX_RETRY_AFTER_S = 5.0
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+CANCEL_TIMEOUT_S = 5.0
+RESULT_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
+MAX_DETAIL_CHARS = 500
+_STEP = re.compile(r"(\d+)\s*/\s*(\d+)")
+
+_T = TypeVar("_T")
+#: A per-run progress report: (fraction of this run done, or None when unknown; message).
+_Report = Callable[[float | None, str], Awaitable[None]]
+
+
+class FalBackend:
+    """Runs edits on fal's hosted endpoint through one ``fal_client.AsyncClient``."""
+
+    name = "fal"
+    endpoint = ENDPOINT_ID
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        # fal-client reads these two as module globals; overriding them is its documented seam for
+        # proxies (and our loopback emulator). The queue host comes from FAL_QUEUE_RUN_HOST.
+        if settings.fal_rest_url:
+            fal_client.client.REST_URL = settings.fal_rest_url.rstrip("/")
+        if settings.fal_cdn_url:
+            fal_client.client.CDN_URL = settings.fal_cdn_url.rstrip("/")
+        self._fal = fal_client.AsyncClient(key=settings.fal_key or None)
+        # Trusts the environment like fal-client does (SSL_CERT_FILE), so both see the same CAs.
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.download_timeout_s), follow_redirects=True
+        )
+        self._slots = anyio.Semaphore(settings.fal_concurrency)
+        self._secrets = _secret_parts(settings.fal_key)
+        # httpx logs every URL at INFO, twice through fal-client's nested clients.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "endpoint": self.endpoint,
+            "cns": True,
+            "max_images_per_call": 4,
+            "max_concurrency": self._settings.fal_concurrency,
+            "upload": self._settings.fal_upload,
+        }
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        # fal-client has no close(); its lazily made httpx client lives in the instance dict.
+        if "_client" in vars(self._fal):
+            client = await self._fal._client
+            await client.aclose()
+
+    # ------------------------------------------------------------------------------ public runs
+
+    async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
+        self._require_key()
+        started = time.monotonic()
+        image_urls = await self._input_urls(inputs)
+        upload_s = time.monotonic() - started
+        tracker = _ProgressTracker(progress, runs=1, unit=request.num_inference_steps)
+        result = await self._run(request, image_urls, lambda f, m: tracker.report(0, f, m))
+        result.timings["upload_s"] = round(upload_s, 3)
+        result.timings["total_s"] = round(time.monotonic() - started, 3)
+        return result
+
+    async def edit_seeds(
+        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
+    ) -> list[SeedOutcome]:
+        self._require_key()
+        image_urls = await self._input_urls(inputs)  # once, shared by every seed
+        tracker = _ProgressTracker(progress, runs=len(seeds), unit=1)
+        outcomes: list[SeedOutcome | None] = [None] * len(seeds)
+
+        async def one(index: int, seed: int) -> None:
+            single = request.model_copy(update={"seed": seed, "num_images": 1})
+
+            async def report(fraction: float | None, message: str) -> None:
+                await tracker.report(index, fraction, f"seed {seed}: {message}")
+
+            try:
+                outcomes[index] = await self._run(single, image_urls, report)
+            except FluxMCPError as exc:
+                outcomes[index] = exc
+                await tracker.report(index, 1.0, f"seed {seed} failed")
+
+        async with anyio.create_task_group() as group:
+            for index, seed in enumerate(seeds):
+                group.start_soon(one, index, seed)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    # ------------------------------------------------------------------------------ one fal job
+
+    async def _run(self, request: EditRequest, image_urls: list[str], report: _Report) -> BackendResult:
+        """Submit, wait, fetch and download one job; cancelled on fal unless it finished."""
+        arguments = {**request.payload(), "image_urls": image_urls}
+        async with self._slots:
+            started = time.monotonic()
+            handle: fal_client.AsyncRequestHandle | None = None
+            finished = False
+            try:
+                with anyio.fail_after(self._settings.job_timeout_s):
+                    handle = await self._retrying("submit", lambda: self._fal.submit(ENDPOINT_ID, arguments))
+                    completed, queue_s = await self._poll(handle, report)
+                    finished = True  # fal holds nothing more for us: no cancel from here on
+                    if completed.error:
+                        raise JobFailed(
+                            f"fal ran the job and it failed ({completed.error_type or 'error'}): "
+                            f"{self._scrub(completed.error)}"
+                        )
+                    output = await self._retrying("result", lambda: self._fetch_result(handle))
+            except TimeoutError:
+                raise BackendTimeout(
+                    f"The fal job did not finish within {self._settings.job_timeout_s:g} s and was cancelled. "
+                    "Try again later, or raise FLUX_MCP_JOB_TIMEOUT_S."
+                ) from None
+            finally:
+                if handle is not None and not finished:
+                    await self._cancel_remote(handle)
+            fetched = time.monotonic()
+            await report(1.0, f"finished; downloading {len(output.images)} image(s)")
+            images = await self._download_all(output)
+        assert handle is not None
+        return BackendResult(
+            images=images,
+            seed=output.seed,
+            timings={
+                "queue_s": round(queue_s, 3),
+                "inference_s": round(output.timings.get("inference", fetched - started - queue_s), 3),
+                "download_s": round(time.monotonic() - fetched, 3),
+                "total_s": round(time.monotonic() - started, 3),
+            },
+            details={"request_id": handle.request_id},
+        )
+
+    async def _poll(
+        self, handle: fal_client.AsyncRequestHandle, report: _Report
+    ) -> tuple[fal_client.Completed, float]:
+        """Poll until COMPLETED, turning queue position and log lines into progress.
+
+        Returns the final status and the seconds spent in fal's queue.
+        """
+        submitted = time.monotonic()
+        queue_s: float | None = None
+        logs_seen = -1
+        while True:
+            status = await self._retrying("status", lambda: handle.status(with_logs=True))
+            if isinstance(status, fal_client.Queued):
+                await report(None, f"queued at position {status.position}")
+            elif queue_s is None:
+                queue_s = time.monotonic() - submitted
+            if isinstance(status, fal_client.InProgress):
+                logs = status.logs or []
+                if len(logs) > logs_seen:  # a new log line (or the first IN_PROGRESS): report it
+                    logs_seen = len(logs)
+                    last = logs[-1] if logs else {"message": "running on fal"}
+                    await report(_log_fraction(last), _log_message(last))
+            if isinstance(status, fal_client.Completed):
+                return status, queue_s or 0.0
+            await anyio.sleep(POLL_INTERVAL_S)
+
+    async def _fetch_result(self, handle: fal_client.AsyncRequestHandle) -> EditResult:
+        # handle.get() would poll the status once more first; the response URL is all we need.
+        response = await handle.client.get(handle.response_url, timeout=RESULT_TIMEOUT)
+        response.raise_for_status()
+        try:
+            return EditResult.model_validate(response.json())
+        except ValidationError as exc:
+            raise BackendError(
+                f"fal's result for request {handle.request_id} does not look like this endpoint's output "
+                f"({exc.error_count()} problem(s), first: {exc.errors()[0]['msg']})."
+            ) from None
+
+    async def _cancel_remote(self, handle: fal_client.AsyncRequestHandle) -> None:
+        """Best effort: tell fal to drop the job, shielded from the cancellation that got us here."""
+        with anyio.move_on_after(CANCEL_TIMEOUT_S, shield=True):
+            try:
+                await handle.cancel()
+            except (fal_client.FalClientHTTPError, httpx.HTTPError) as exc:
+                logger.info("Could not cancel fal request %s: %s", handle.request_id, type(exc).__name__)
+
+    # ------------------------------------------------------------------------------ inputs
+
+    async def _input_urls(self, inputs: list[InputImage]) -> list[str]:
+        """Each input as a URL fal can read: URLs unchanged, bytes uploaded (concurrently) or inlined."""
+
+        async def convert(item: InputImage) -> str:
+            if item.url is not None:
+                return item.url
+            if item.data is None:
+                raise InvalidRequest(
+                    f"Input {item.source!r} has neither a URL nor image data.", field="image_urls"
+                )
+            data, content_type = item.data, item.content_type or "image/png"
+            if self._settings.fal_upload == "data-uri":
+                return await anyio.to_thread.run_sync(_data_uri, data, content_type)
+            return await self._retrying("upload", lambda: self._fal.upload(data, content_type))
+
+        return await _gather([partial(convert, item) for item in inputs])
+
+    # ------------------------------------------------------------------------------ outputs
+
+    async def _download_all(self, output: EditResult) -> list[GeneratedImage]:
+        count = len(output.images)
+
+        async def fetch(index: int, image: ImageFile) -> GeneratedImage:
+            data = await self._download(index, count, image.url)
+            try:
+                content_type, width, height = await anyio.to_thread.run_sync(_probe, data)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise BackendError(
+                    f"Output image {index + 1} of {count} from fal is not a readable image "
+                    f"({type(exc).__name__})."
+                ) from None
+            nsfw = output.has_nsfw_concepts[index] if index < len(output.has_nsfw_concepts) else None
+            return GeneratedImage(
+                data=data,
+                content_type=content_type,
+                width=width,
+                height=height,
+                seed=output.seed + index,
+                nsfw=nsfw,
+                source_url=None if image.url.startswith("data:") else image.url,
+            )
+
+        return await _gather([partial(fetch, index, image) for index, image in enumerate(output.images)])
+
+    async def _download(self, index: int, count: int, url: str) -> bytes:
+        """The bytes of one output image, within ``max_download_mb`` and ``download_timeout_s``."""
+        which = f"Output image {index + 1} of {count}"
+        limit = int(self._settings.max_download_mb * 1024 * 1024)
+        if url.startswith("data:"):
+            return await anyio.to_thread.run_sync(_decode_data_uri, url, limit, which)
+        if not url.startswith(("https://", "http://")):
+            raise BackendError(f"{which} has an unsupported URL scheme: {url[:80]!r}.")
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with anyio.fail_after(self._settings.download_timeout_s):
+                    return await self._stream(url, limit, which)
+            except TimeoutError:
+                raise BackendTimeout(
+                    f"{which} did not download within {self._settings.download_timeout_s:g} s ({url}). "
+                    "Raise FLUX_MCP_DOWNLOAD_TIMEOUT_S on slow connections."
+                ) from None
+            except (httpx.RequestError, _RetryableStatus) as exc:
+                if attempt == ATTEMPTS:
+                    raise BackendError(f"{which} could not be downloaded from {url}: {exc}.") from None
+                await anyio.sleep(_backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def _stream(self, url: str, limit: int, which: str) -> bytes:
+        async with self._http.stream("GET", url) as response:
+            if response.status_code in RETRY_STATUSES:
+                raise _RetryableStatus(f"HTTP {response.status_code}")
+            if response.status_code != 200:
+                raise BackendError(
+                    f"{which} could not be downloaded from {url}: HTTP {response.status_code}."
+                )
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise _too_big(which, int(declared), limit)
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit:  # the header may be missing or wrong: count what arrives
+                    raise _too_big(which, len(body), limit)
+            return bytes(body)
+
+    # ------------------------------------------------------------------------------ errors
+
+    def _require_key(self) -> None:
+        if not self._settings.fal_key:
+            raise BackendUnavailable(
+                "The hosted backend needs an API key: set FAL_KEY (https://fal.ai/dashboard/keys), "
+                "or use FLUX_MCP_BACKEND=local on a machine with a CUDA GPU."
+            )
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()`` with bounded retries on overload and transport errors; errors mapped to ours."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                return await call()
+            except (fal_client.FalClientHTTPError, httpx.HTTPStatusError) as exc:
+                response = exc.response
+                if response.status_code in RETRY_STATUSES and attempt < ATTEMPTS:
+                    await anyio.sleep(_backoff(attempt, response.headers.get("retry-after")))
+                    continue
+                raise self._http_error(what, response) from None
+            except httpx.RequestError as exc:
+                if attempt < ATTEMPTS:
+                    await anyio.sleep(_backoff(attempt))
+                    continue
+                raise BackendUnavailable(
+                    f"Could not reach fal for the {what} request ({type(exc).__name__}) after {ATTEMPTS} "
+                    "attempts. Check the network connection and try again."
+                ) from None
+            except (ValueError, KeyError, TypeError) as exc:  # JSON that is not what the protocol says
+                raise BackendError(
+                    f"fal sent a malformed answer to the {what} request ({type(exc).__name__}); try again."
+                ) from None
+        raise AssertionError("unreachable")
+
+    def _http_error(self, what: str, response: httpx.Response) -> FluxMCPError:
+        """One fal HTTP error answer as our error: what went wrong and what to change."""
+        code = response.status_code
+        body = _json_or_none(response)
+        detail = body.get("detail") if isinstance(body, dict) else None
+        error_type = (body.get("error_type") if isinstance(body, dict) else None) or response.headers.get(
+            "x-fal-error-type"
+        )
+        if code == 422 and isinstance(detail, list):
+            return self._validation_error(detail)
+        text = self._scrub(str(detail if detail is not None else response.text or response.reason_phrase))
+        if code in (401, 403):
+            return BackendUnavailable(
+                f"fal rejected FAL_KEY (HTTP {code}). Check the key at https://fal.ai/dashboard/keys "
+                "and set FAL_KEY to a valid one."
+            )
+        if code in RETRY_STATUSES:
+            return BackendUnavailable(
+                f"fal is overloaded or unavailable (HTTP {code} to the {what} request, {ATTEMPTS} attempts). "
+                "Try again in a minute."
+            )
+        if code == 422:
+            return InvalidRequest(f"fal rejected the request: {text}")
+        if what == "result" and error_type:
+            return JobFailed(f"fal ran the job and it failed ({error_type}, HTTP {code}): {text}")
+        return BackendError(f"fal answered HTTP {code} to the {what} request: {text}")
+
+    def _validation_error(self, detail: list[Any]) -> InvalidRequest:
+        problems, fields = [], []
+        for item in detail:
+            loc = (
+                [str(part) for part in item.get("loc", []) if part != "body"]
+                if isinstance(item, dict)
+                else []
+            )
+            name = ".".join(loc) or "request"
+            message = (
+                self._scrub(str(item.get("msg", "invalid value"))) if isinstance(item, dict) else str(item)
+            )
+            fields.append(name)
+            problems.append(f"{name}: {message} — change {name}")
+        return InvalidRequest(
+            "fal rejected the request: " + "; ".join(problems), field=fields[0] if fields else None
+        )
+
+    def _scrub(self, text: str) -> str:
+        """Server text, shortened, with any piece of the key blanked out."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "…"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+async def _gather(calls: list[Callable[[], Awaitable[_T]]]) -> list[_T]:
+    """Run ``calls`` concurrently, results in order; the first of our errors cancels the rest and is
+    raised as itself (not wrapped in an ExceptionGroup), so callers see one clear error."""
+    results: list[_T | None] = [None] * len(calls)
+    failures: list[FluxMCPError] = []
+
+    async def run(index: int, call: Callable[[], Awaitable[_T]]) -> None:
+        try:
+            results[index] = await call()
+        except FluxMCPError as exc:
+            failures.append(exc)
+            group.cancel_scope.cancel()
+
+    async with anyio.create_task_group() as group:
+        for index, call in enumerate(calls):
+            group.start_soon(run, index, call)
+    if failures:
+        raise failures[0]
+    return cast("list[_T]", results)
+
+
+class _RetryableStatus(Exception):
+    """A download answered with a status worth retrying (429, 502-504)."""
+
+
+class _ProgressTracker:
+    """Folds per-run fractions into one monotonic progress stream: done = sum(fractions) * unit."""
+
+    def __init__(self, progress: Progress, runs: int, unit: float) -> None:
+        self._progress = progress
+        self._fractions = [0.0] * runs
+        self._unit = unit
+
+    async def report(self, run: int, fraction: float | None, message: str) -> None:
+        if fraction is not None:
+            self._fractions[run] = max(self._fractions[run], min(fraction, 1.0))
+        done = round(sum(self._fractions) * self._unit, 3)
+        total = len(self._fractions) * self._unit
+        # Before anything has happened (queued) the total is not meaningful yet.
+        await self._progress(done, total if done or fraction is not None else None, message)
+
+
+def _log_message(log: Any) -> str:
+    message = log.get("message", "") if isinstance(log, dict) else str(log)
+    return str(message).strip()[:200] or "running"
+
+
+def _log_fraction(log: Any) -> float | None:
+    """The fraction of steps done from a log line like 'Step 7/28' or a tqdm bar, if it has one."""
+    match = _STEP.search(_log_message(log))
+    if match is None or int(match[2]) == 0:
+        return None
+    return int(match[1]) / int(match[2])
+
+
+def _backoff(attempt: int, retry_after: str | None = None) -> float:
+    if retry_after is not None:
+        try:
+            return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER_S)
+        except ValueError:
+            pass  # an HTTP date: fall back to our own schedule
+    return BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+
+
+def _secret_parts(key: str) -> list[str]:
+    """The key and, for 'id:secret' keys, each part long enough to be recognisable."""
+    parts = [key, *key.split(":")] if key else []
+    return sorted({p for p in parts if len(p) >= 6}, key=len, reverse=True)
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _too_big(which: str, size: int, limit: int) -> BackendError:
+    return BackendError(
+        f"{which} is larger than FLUX_MCP_MAX_DOWNLOAD_MB ({size / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB); "
+        "raise the limit or ask for a smaller image_size."
+    )
+
+
+def _data_uri(data: bytes, content_type: str) -> str:
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _decode_data_uri(url: str, limit: int, which: str) -> bytes:
+    header, _, encoded = url.partition(",")
+    if ";base64" not in header:
+        raise BackendError(f"{which} is a data URI without base64 data.")
+    if len(encoded) * 3 // 4 > limit:
+        raise _too_big(which, len(encoded) * 3 // 4, limit)
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise BackendError(f"{which} is a data URI with broken base64 data.") from None
+
+
+def _probe(data: bytes) -> tuple[str, int, int]:
+    """(MIME type, width, height) from the image header, without decoding the pixels."""
+    with Image.open(io.BytesIO(data)) as image:
+        mime = Image.MIME.get(image.format or "", "application/octet-stream")
+        return mime, image.width, image.height

@@ -1,0 +1,358 @@
+"""The human face, ``flux-mcp``: serve (stdio by default, --http), edit, compare, presets, schema, demo.
+
+``flux-mcp`` with no command runs the stdio MCP server (what Claude Desktop starts). The ``edit`` and
+``compare`` commands build their options from the request model, so they take exactly the tools'
+arguments; only options given on the command line are sent, so presets behave as in the tools.
+Library errors become one readable line on stderr and exit code 1; stdout carries only results
+(and, for ``serve``, the MCP protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, Literal, get_args, get_origin
+
+import anyio
+
+from . import __version__
+from .config import Settings
+from .errors import ConfigError, FluxMCPError
+from .schema import IMAGE_SIZE_PRESETS, CompareSeedsArgs, EditImageArgs, EditRequest
+
+__all__ = ["main"]
+
+logger = logging.getLogger("flux_mcp")
+
+#: Fields with a hand-made CLI form: positional images, --lora PATH[:SCALE], --image-size NAME|WxH.
+_SPECIAL = {"prompt", "image_urls", "loras", "image_size"}
+
+
+class _SecretFilter(logging.Filter):
+    """Replaces secret values (FAL_KEY, the HTTP token) in every log record that reaches a handler."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if len(s) >= 4]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            text = record.getMessage()
+            if any(s in text for s in self._secrets):
+                for secret in self._secrets:
+                    text = text.replace(secret, "***")
+                record.msg, record.args = text, None
+        return True
+
+
+def _setup_logging(settings: Settings, verbose: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_SecretFilter(settings.secrets()))
+    root = logging.getLogger()
+    for existing in root.handlers:
+        existing.addFilter(_SecretFilter(settings.secrets()))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- argument parsing derived from the request model ---------------------------------------------
+
+
+def _add_request_options(parser: argparse.ArgumentParser, model: type[Any]) -> None:
+    parser.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="input images: file paths, https URLs, data URIs or flux://images/<id>",
+    )
+    parser.add_argument("--prompt", "-p", required=True, help=EditRequest.model_fields["prompt"].description)
+    parser.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        default=argparse.SUPPRESS,
+        help="a LoRA (URL, repo id, library name or file) with an optional scale; repeat up to 3 times",
+    )
+    parser.add_argument(
+        "--image-size",
+        metavar="NAME|WxH",
+        default=argparse.SUPPRESS,
+        help=f"output size: {', '.join(IMAGE_SIZE_PRESETS)} or WIDTHxHEIGHT",
+    )
+    for name, info in model.model_fields.items():
+        if name in _SPECIAL:
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = info.annotation
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(annotation) is Literal:
+            kwargs["choices"] = list(get_args(annotation))
+        elif name == "seeds":
+            kwargs["type"] = lambda raw: [int(s) for s in raw.split(",")]
+            kwargs["metavar"] = "S1,S2,..."
+        else:
+            base = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+            kwargs["type"] = base[0] if base[0] in (int, float, str) else str
+        parser.add_argument(flag, **kwargs)
+
+
+def _request_args(ns: argparse.Namespace, model: type[Any]) -> dict[str, Any]:
+    args: dict[str, Any] = {"prompt": ns.prompt, "image_urls": list(ns.images)}
+    for name in model.model_fields:
+        if name not in _SPECIAL and hasattr(ns, name):
+            args[name] = getattr(ns, name)
+    if hasattr(ns, "lora"):
+        args["loras"] = [_parse_lora(item) for item in ns.lora]
+    if hasattr(ns, "image_size"):
+        args["image_size"] = _parse_size(ns.image_size)
+    return args
+
+
+def _parse_lora(item: str) -> dict[str, Any]:
+    path, sep, scale = item.rpartition(":")
+    if sep and path and not path.endswith(("https", "http")):
+        try:
+            return {"path": path, "scale": float(scale)}
+        except ValueError:
+            pass
+    return {"path": item}
+
+
+def _parse_size(raw: str) -> Any:
+    if raw in IMAGE_SIZE_PRESETS:
+        return raw
+    width, sep, height = raw.lower().partition("x")
+    if sep and width.isdigit() and height.isdigit():
+        return {"width": int(width), "height": int(height)}
+    return raw  # let the request model explain what is allowed
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _print_progress(enabled: bool):  # type: ignore[no-untyped-def]
+    async def report(progress: float, total: float | None, message: str) -> None:
+        if enabled:
+            shown = f"{progress:g}/{total:g}" if total else f"{progress:g}"
+            print(f"  [{shown}] {message}", file=sys.stderr, flush=True)
+
+    return report
+
+
+async def _run_edit(settings: Settings, args: dict[str, Any], quiet: bool, as_json: bool) -> None:
+    from .service import FluxService
+
+    service = FluxService(settings)
+    await service.start()
+    try:
+        outcome = await service.edit(args, _print_progress(not quiet))
+    finally:
+        await service.aclose()
+    out = outcome.output
+    if as_json:
+        print(out.model_dump_json(indent=2))
+        return
+    for img in out.images:
+        print(img.path)
+    print(f"seed {out.seed}, estimated cost ${out.estimated_cost_usd:.3f}", file=sys.stderr)
+    for note in out.notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+async def _run_compare(settings: Settings, args: dict[str, Any], quiet: bool, as_json: bool) -> None:
+    from .service import FluxService
+
+    service = FluxService(settings)
+    await service.start()
+    try:
+        outcome = await service.compare(args, _print_progress(not quiet))
+    finally:
+        await service.aclose()
+    out = outcome.output
+    if as_json:
+        print(out.model_dump_json(indent=2))
+        return
+    for run in out.runs:
+        print(f"seed {run.seed}\t{run.image.path if run.image else 'FAILED: ' + str(run.error)}")
+
+
+def _serve(settings: Settings, ns: argparse.Namespace) -> None:
+    from .server import build_server
+
+    server = build_server(settings)
+    if not ns.http:
+        server.run("stdio")
+        return
+    import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    loopback = _is_loopback(ns.host)
+    if not loopback and not settings.http_token:
+        raise ConfigError(
+            f"Refusing to serve on {ns.host} without a token: set FLUX_MCP_HTTP_TOKEN (clients then send "
+            "'Authorization: Bearer <token>'), or bind to 127.0.0.1."
+        )
+    hosts = ["127.0.0.1", "localhost", "[::1]", ns.host, *ns.allow_host]
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[h for host in hosts for h in (host, f"{host}:{ns.port}")],
+        allowed_origins=[f"http://{h}:{ns.port}" for h in hosts] + [f"https://{h}" for h in hosts],
+    )
+    app: Any = server.streamable_http_app(
+        streamable_http_path=ns.path, transport_security=security, host=ns.host
+    )
+    if settings.http_token:
+        app = _BearerAuth(app, settings.http_token)
+    print(f"flux-mcp {__version__}: streamable HTTP on http://{ns.host}:{ns.port}{ns.path}", file=sys.stderr)
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <FLUX_MCP_HTTP_TOKEN>``."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+                    }
+                )
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b'{"error":"missing or wrong bearer token (FLUX_MCP_HTTP_TOKEN)"}',
+                    }
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+def _presets(settings: Settings, as_json: bool) -> None:
+    from .server import render_presets
+    from .service import FluxService
+
+    out = FluxService(settings).presets()
+    if as_json:
+        print(out.model_dump_json(indent=2))
+    else:
+        print(render_presets(out).content[0].text)  # type: ignore[union-attr]
+
+
+def _schema(tool: str) -> None:
+    from .server import tool_input_schema
+
+    model = {"edit_image": EditImageArgs, "compare_seeds": CompareSeedsArgs, "request": EditRequest}[tool]
+    print(json.dumps(tool_input_schema(model), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flux-mcp",
+        description="MCP server and CLI for FLUX.2 [klein] 9B Base edit LoRAs (hosted on fal or local GPU). "
+        "With no command, serves MCP over stdio.",
+    )
+    parser.add_argument("--version", action="version", version=f"flux-mcp {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log at INFO level to stderr")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="run the MCP server (stdio, or streamable HTTP with --http)")
+    serve.add_argument("--http", action="store_true", help="serve streamable HTTP instead of stdio")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="HTTP bind address (default 127.0.0.1; others need FLUX_MCP_HTTP_TOKEN)",
+    )
+    serve.add_argument("--port", type=int, default=8765, help="HTTP port (default 8765)")
+    serve.add_argument("--path", default="/mcp", help="HTTP endpoint path (default /mcp)")
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="extra Host header value to accept (DNS-rebinding protection stays on)",
+    )
+
+    for name, model, help_text in (
+        ("edit", EditImageArgs, "run one edit and print the saved file paths"),
+        ("compare", CompareSeedsArgs, "run one edit with several seeds and print seed -> file"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        _add_request_options(cmd, model)
+        cmd.add_argument("--json", action="store_true", help="print the structured result as JSON")
+        cmd.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+    presets = sub.add_parser("presets", help="list presets, image sizes, the LoRA library and the backend")
+    presets.add_argument("--json", action="store_true")
+    schema = sub.add_parser("schema", help="print a tool's JSON Schema (derived from the request model)")
+    schema.add_argument("--tool", choices=["edit_image", "compare_seeds", "request"], default="edit_image")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run edit_image and compare_seeds through a real MCP client "
+        "(offline tiny model without FAL_KEY, hosted endpoint with it)",
+    )
+    demo.add_argument("--backend", choices=["auto", "local", "fal"], default="auto")
+    demo.add_argument("--output-dir", default=None, help="where the demo saves its results")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        _setup_logging(settings, ns.verbose)
+        command = ns.command or "serve"
+        if command == "serve":
+            if ns.command is None:
+                ns = parser.parse_args(["serve"])
+            _serve(settings, ns)
+        elif command == "edit":
+            anyio.run(_run_edit, settings, _request_args(ns, EditImageArgs), ns.quiet, ns.json)
+        elif command == "compare":
+            anyio.run(_run_compare, settings, _request_args(ns, CompareSeedsArgs), ns.quiet, ns.json)
+        elif command == "presets":
+            _presets(settings, ns.json)
+        elif command == "schema":
+            _schema(ns.tool)
+        elif command == "demo":
+            from .demo import run_demo
+
+            return run_demo(ns.backend, ns.output_dir)
+    except FluxMCPError as exc:
+        print(f"flux-mcp: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The result store: every output image lands on disk, whole, with a JSON sidecar, before a tool returns.
+
+Layout (flat, one folder): ``<output dir>/<id>.<ext>`` and ``<output dir>/<id>.json``. An id looks
+like ``20261125-181500-1a2b3c4d`` (UTC time + random), sorts by time and is safe in a URI and a file
+name. Writes are atomic: each file is written to a hidden temp file in the same folder, flushed and
+renamed into place; the sidecar is renamed last, so it is the commit marker — an image counts as
+stored only when its sidecar exists. ``sweep()`` (run at start) removes what a crashed or killed
+process left behind: temp files of dead processes and images whose sidecar never landed.
+
+All methods block (file I/O); async callers run them in a worker thread.
+This module knows nothing about MCP, backends or presets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, NotFound
+
+__all__ = ["EXTENSIONS", "ID_PATTERN", "ResultStore", "StoredFile", "image_uri"]
+
+ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
+EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+_CONTENT_TYPES = {ext: ct for ct, ext in EXTENSIONS.items()}
+_TMP_PREFIX = ".tmp-"
+#: An image without a sidecar older than this is a leftover of a crash, not a write in progress.
+_ORPHAN_AGE_S = 60.0
+
+
+def image_uri(image_id: str) -> str:
+    return f"flux://images/{image_id}"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """Where one stored image is and what its sidecar says."""
+
+    id: str
+    path: Path
+    content_type: str
+    sidecar: dict[str, Any]
+
+    @property
+    def uri(self) -> str:
+        return image_uri(self.id)
+
+
+class ResultStore:
+    """Atomic, crash-safe storage of result images and their sidecars."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        """Create the folder, or say clearly why it cannot be used."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f"{_TMP_PREFIX}{os.getpid()}-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"FLUX_MCP_OUTPUT_DIR={self.root} cannot be written ({exc.strerror}); "
+                "set it to a folder this user can write."
+            ) from exc
+
+    def new_id(self) -> str:
+        return f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+
+    def save(self, image_id: str, data: bytes, content_type: str, sidecar: dict[str, Any]) -> StoredFile:
+        """Write the image, then its sidecar, each atomically. Returns where it landed."""
+        if not ID_PATTERN.match(image_id):
+            raise ValueError(f"not a store id: {image_id!r}")
+        ext = EXTENSIONS.get(content_type)
+        if ext is None:
+            raise ValueError(f"unsupported content type {content_type!r}")
+        path = self.root / f"{image_id}{ext}"
+        record = {"id": image_id, "file": path.name, "content_type": content_type, **sidecar}
+        self._write_atomic(path, data)
+        try:
+            self._write_atomic(self._sidecar_path(image_id), _to_json(record))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return StoredFile(image_id, path, content_type, record)
+
+    def lookup(self, image_id: str) -> StoredFile:
+        """The stored image with this id; NotFound when there is none (or the id is not one of ours)."""
+        if not ID_PATTERN.match(image_id):
+            raise NotFound(
+                f"{image_id!r} is not an image id (ids look like 20261125-181500-1a2b3c4d; "
+                "use the id or flux://images/<id> from an earlier result)."
+            )
+        sidecar_path = self._sidecar_path(image_id)
+        try:
+            record = json.loads(sidecar_path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise NotFound(f"No stored image has the id {image_id} in {self.root}.") from None
+        except (OSError, ValueError) as exc:
+            raise NotFound(f"The sidecar of image {image_id} cannot be read: {exc}") from exc
+        path = self.root / str(record.get("file", ""))
+        content_type = _CONTENT_TYPES.get(path.suffix)
+        if path.parent != self.root or content_type is None or not path.is_file():
+            raise NotFound(f"The file of image {image_id} is missing from {self.root}.")
+        return StoredFile(image_id, path, content_type, record)
+
+    def read(self, image_id: str) -> tuple[bytes, StoredFile]:
+        stored = self.lookup(image_id)
+        return stored.path.read_bytes(), stored
+
+    def sweep(self) -> int:
+        """Remove leftovers of crashed writers; returns how many files went."""
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        now = time.time()
+        for entry in self.root.iterdir():
+            name = entry.name
+            try:
+                if name.startswith(_TMP_PREFIX):
+                    if not _pid_alive(_tmp_owner(name)):
+                        entry.unlink()
+                        removed += 1
+                elif entry.suffix in _CONTENT_TYPES and ID_PATTERN.match(entry.stem):
+                    orphan = not self._sidecar_path(entry.stem).exists()
+                    if orphan and now - entry.stat().st_mtime > _ORPHAN_AGE_S:
+                        entry.unlink()
+                        removed += 1
+            except OSError:
+                continue
+        return removed
+
+    def _sidecar_path(self, image_id: str) -> Path:
+        return self.root / f"{image_id}.json"
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            # Results are meant to be opened by the user's other apps; mkstemp-style 0600 is too tight.
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+
+def _to_json(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")
+
+
+def _tmp_owner(name: str) -> int:
+    try:
+        return int(name[len(_TMP_PREFIX) :].split("-", 1)[0])
+    except ValueError:
+        return -1
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,109 @@
+"""Shared fixtures: anyio backend, an isolated environment, test images, and a flux-mcp server
+subprocess driven by the real ``mcp`` client over stdio.
+
+Every test runs with FLUX_MCP_* and FAL_* variables removed from the environment and the user
+directories pointed at a temp dir, so nothing reads or writes the developer's real settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.stdio import stdio_client as stdio_client_transport
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No real settings leak in: clear our variables, point user dirs at tmp_path."""
+    for name in list(os.environ):
+        if name.startswith(("FLUX_MCP_", "FAL_")):
+            monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(home / ".local/share"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+def make_png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 80, 40)) -> bytes:
+    """A small PNG with a gradient, so resizes and tints are visible."""
+    img = Image.new("RGB", (width, height), color)
+    for x in range(width):
+        for y in range(0, height, 4):
+            img.putpixel((x, y), (x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), 128))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.fixture
+def input_png(tmp_path: Path) -> Path:
+    """A PNG inside an allowed input root (the tests' input folder)."""
+    folder = tmp_path / "inputs"
+    folder.mkdir(exist_ok=True)
+    path = folder / "photo.png"
+    path.write_bytes(make_png())
+    return path
+
+
+def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a flux-mcp server subprocess: isolated dirs, inputs allowed from tmp_path/inputs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
+    env.update(
+        FLUX_MCP_OUTPUT_DIR=str(tmp_path / "out"),
+        FLUX_MCP_INPUT_ROOTS=str(tmp_path / "inputs"),
+        FLUX_MCP_PRESETS=str(tmp_path / "presets.toml"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@asynccontextmanager
+async def stdio_client(env: dict[str, str], *args: str, stderr: Path | None = None) -> AsyncIterator[Client]:
+    """A real MCP client talking to ``python -m flux_mcp`` over stdio in a subprocess.
+
+    The server's stderr (its log) goes to ``stderr`` when given, so tests can read it.
+    """
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "flux_mcp", *args], env=env, cwd=str(REPO)
+    )
+    with open(stderr or os.devnull, "a") as errlog:
+        async with Client(stdio_client_transport(params, errlog=errlog)) as client:
+            yield client
+
+
+def text_of(result: Any) -> str:
+    return "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")
+
+
+@pytest.fixture
+def emulator() -> Iterator[Any]:
+    from .fal_emulator import FalEmulator
+
+    with FalEmulator() as emu:
+        yield emu

@@ -1,0 +1,192 @@
+"""list_presets, presets and the LoRA library, compare_seeds and the cost ceiling — through the real
+mcp client over stdio against the loopback fal emulator."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from PIL import Image
+
+from .conftest import server_env, stdio_client, text_of
+
+pytestmark = pytest.mark.anyio
+
+BASE = {"prompt": "S2P a painting of the photo", "num_inference_steps": 8}
+
+
+def _env(tmp_path: Path, emulator: Any, **extra: str) -> dict[str, str]:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    return server_env(tmp_path, **emulator.env(), **extra)
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+    # The library notices changes by mtime and size; make sure a rewrite within the same tick counts.
+    stamp = time.time() + 1
+    import os
+
+    os.utime(path, (stamp, stamp))
+
+
+async def test_explicit_arguments_win_over_the_preset_even_at_default_values(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        result = await client.call_tool(
+            "edit_image",
+            {**BASE, "image_urls": [str(input_png)], "preset": "quality", "num_inference_steps": 28},
+        )
+    assert not result.is_error, text_of(result)
+    sent = emulator.submissions[0].payload
+    assert sent["num_inference_steps"] == 28  # explicit, equal to the endpoint default, still wins
+    assert sent["acceleration"] == "none"  # filled from the preset
+    params = result.structured_content["params"]
+    assert params["num_inference_steps"] == 28 and params["acceleration"] == "none"
+    assert result.structured_content["preset"] == "quality"
+
+
+async def test_user_file_reload_broken_file_and_library_lora(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    presets = tmp_path / "presets.toml"
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        listing = (await client.call_tool("list_presets", {})).structured_content
+        assert {"draft", "balanced", "quality", "cns_guided", "cns_detail"} <= {
+            p["name"] for p in listing["presets"]
+        }
+        assert listing["backend"]["name"] == "fal" and listing["backend"]["cns"] is True
+        assert {"name": "square_hd", "width": 1024, "height": 1024} in listing["image_sizes"]
+
+        _write(
+            presets,
+            """
+[loras.paint]
+path = "https://cdn.example/paint.safetensors"
+scale = 0.7
+trigger_word = "S2P"
+description = "sketch to painting"
+
+[presets.mine]
+description = "my preset"
+guidance_scale = 3.5
+loras = [{ path = "paint" }]
+""",
+        )
+        listing = (await client.call_tool("list_presets", {})).structured_content
+        (mine,) = [p for p in listing["presets"] if p["name"] == "mine"]
+        assert mine["source"] == str(presets) and mine["params"]["guidance_scale"] == 3.5
+        assert listing["loras"][0]["trigger_word"] == "S2P"
+
+        used = await client.call_tool(
+            "edit_image", {**BASE, "image_urls": [str(input_png)], "preset": "mine"}
+        )
+        assert not used.is_error, text_of(used)
+        sent = emulator.submissions[-1].payload
+        assert sent["loras"] == [{"path": "https://cdn.example/paint.safetensors", "scale": 0.7}]
+        assert sent["guidance_scale"] == 3.5 and sent["prompt"] == BASE["prompt"]  # prompt not rewritten
+        assert "trigger word 'S2P'" in text_of(used)
+        assert used.structured_content["library_loras"][0]["name"] == "paint"
+
+        by_name = await client.call_tool(
+            "edit_image", {**BASE, "image_urls": [str(input_png)], "loras": [{"path": "paint", "scale": 1.5}]}
+        )
+        assert emulator.submissions[-1].payload["loras"][0] == {
+            "path": "https://cdn.example/paint.safetensors",
+            "scale": 1.5,
+        }
+        assert not by_name.is_error
+
+        _write(presets, "[presets.mine]\nguidance_scale = [\n")
+        listing = await client.call_tool("list_presets", {})
+        assert not listing.is_error
+        error = listing.structured_content["presets_file_error"]
+        assert str(presets) in error and "line" in error
+        broken = await client.call_tool(
+            "edit_image", {**BASE, "image_urls": [str(input_png)], "preset": "mine"}
+        )
+        assert broken.is_error and "preset" in text_of(broken) and "line" in text_of(broken)
+        builtin = await client.call_tool(
+            "edit_image", {**BASE, "image_urls": [str(input_png)], "preset": "draft"}
+        )
+        assert not builtin.is_error and emulator.submissions[-1].payload["acceleration"] == "high"
+
+
+async def test_compare_seeds_explicit_and_random(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        explicit = await client.call_tool(
+            "compare_seeds", {**BASE, "image_urls": [str(input_png)], "seeds": [11, 22, 33]}
+        )
+        random = await client.call_tool("compare_seeds", {**BASE, "image_urls": [str(input_png)], "count": 2})
+        neither = await client.call_tool("compare_seeds", {**BASE, "image_urls": [str(input_png)]})
+    assert not explicit.is_error, text_of(explicit)
+    out = explicit.structured_content
+    assert [r["seed"] for r in out["runs"]] == [11, 22, 33] and out["failed_seeds"] == []
+    assert sorted(s.payload["seed"] for s in emulator.submissions[:3]) == [11, 22, 33]
+    assert all(s.payload["num_images"] == 1 for s in emulator.submissions[:3])
+    paths = [Path(r["image"]["path"]) for r in out["runs"]]
+    assert len(set(paths)) == 3 and all(p.is_file() and p.with_suffix(".json").is_file() for p in paths)
+    images = [b for b in explicit.content if b.type == "image"]
+    assert len(images) == 1, "one contact sheet"
+    sheet = Image.open(io.BytesIO(base64.b64decode(images[0].data)))
+    assert sheet.format == "JPEG" and len(base64.b64decode(images[0].data)) < 700_000
+    assert "edit_image" in text_of(explicit) and "flux://images/" in text_of(explicit)
+    assert out["estimated_cost_usd"] == pytest.approx(0.02 * (1 + 3 * 64 * 48 / 1e6), abs=1e-4)
+    seeds = random.structured_content["seeds"]
+    assert len(seeds) == 2 and len(set(seeds)) == 2
+    assert sorted(s.payload["seed"] for s in emulator.submissions[3:5]) == sorted(seeds)
+    assert neither.is_error and "seeds" in text_of(neither) and "count" in text_of(neither)
+
+
+async def test_one_failing_run_among_four_keeps_the_others(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    emulator.fail_seed(3, "GPU fell over")
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        result = await client.call_tool(
+            "compare_seeds", {**BASE, "image_urls": [str(input_png)], "seeds": [1, 2, 3, 4]}
+        )
+    assert not result.is_error, text_of(result)
+    out = result.structured_content
+    assert out["failed_seeds"] == [3]
+    (failed,) = [r for r in out["runs"] if r["seed"] == 3]
+    assert failed["image"] is None and "GPU fell over" in failed["error"]
+    assert all(Path(r["image"]["path"]).is_file() for r in out["runs"] if r["seed"] != 3)
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
+    assert "FAILED" in text_of(result)
+
+
+async def test_cancelling_compare_cancels_every_run(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+    emulator.latency_s = 30
+    async with stdio_client(_env(tmp_path, emulator, FLUX_MCP_FAL_CONCURRENCY="2")) as client:
+        with anyio.move_on_after(2):
+            await client.call_tool(
+                "compare_seeds", {**BASE, "image_urls": [str(input_png)], "seeds": [1, 2, 3, 4]}
+            )
+        ok = await anyio.to_thread.run_sync(
+            lambda: emulator.wait_until(lambda: len(emulator.cancellations) >= 2, 10)
+        )
+        assert ok
+        await anyio.sleep(0.5)
+    submitted = {s.request_id for s in emulator.submissions}
+    assert len(submitted) == 2, "the concurrency limit holds back runs 3 and 4"
+    assert set(emulator.cancellations) == submitted
+    assert list((tmp_path / "out").glob("*.png")) == []
+
+
+async def test_cost_ceiling_refuses_before_anything_is_sent(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    async with stdio_client(_env(tmp_path, emulator, FLUX_MCP_MAX_COST_USD="0.05")) as client:
+        refused = await client.call_tool(
+            "compare_seeds", {**BASE, "image_urls": [str(input_png)], "count": 4, "image_size": "square_hd"}
+        )
+        allowed = await client.call_tool("edit_image", {**BASE, "image_urls": [str(input_png)]})
+    assert refused.is_error and "FLUX_MCP_MAX_COST_USD" in text_of(refused) and "$0.10" in text_of(refused)
+    assert not allowed.is_error
+    assert len(emulator.submissions) == 1 and emulator.uploads and len(emulator.uploads) == 1

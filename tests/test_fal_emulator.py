@@ -1,0 +1,252 @@
+"""The loopback fal emulator speaks fal's protocol well enough for the real fal-client, and its
+faults fire. These tests drive it with ``fal_client.AsyncClient`` (and plain httpx), unpatched
+except for the URL globals fal-client reads at import.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import fal_client
+import fal_client.client
+import httpx
+import pytest
+from PIL import Image
+
+from .fal_emulator import FalEmulator
+
+APP = "fal-ai/flux-2/klein/9b/base/edit/lora"
+
+
+@pytest.fixture(scope="module")
+def shared_emulator() -> Iterator[FalEmulator]:
+    with FalEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def emu(shared_emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch) -> FalEmulator:
+    shared_emulator.reset()
+    shared_emulator.latency_s = shared_emulator.queue_s = 0.0
+    monkeypatch.setenv("SSL_CERT_FILE", shared_emulator.ca_path)
+    for name in ("QUEUE_URL_FORMAT", "RUN_URL_FORMAT"):
+        monkeypatch.setattr(fal_client.client, name, shared_emulator.base_url + "/")
+    for name in ("REST_URL", "CDN_URL"):
+        monkeypatch.setattr(fal_client.client, name, shared_emulator.base_url)
+    return shared_emulator
+
+
+def png(size: tuple[int, int] = (32, 24), color: tuple[int, int, int] = (0, 120, 240)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def payload(**extra: Any) -> dict[str, Any]:
+    return {"prompt": "paint it", "image_urls": [data_uri(png())], **extra}
+
+
+async def fetch(url: str) -> httpx.Response:
+    async with httpx.AsyncClient() as client:
+        return await client.get(url)
+
+
+@pytest.mark.anyio
+async def test_submit_status_logs_and_result_with_the_real_client(emu: FalEmulator) -> None:
+    emu.queue_s, emu.latency_s = 0.3, 0.3
+    client = fal_client.AsyncClient(key=emu.key)
+    handle = await client.submit(
+        APP, payload(seed=5, num_images=2, num_inference_steps=4, image_size="square")
+    )
+    events = [event async for event in handle.iter_events(with_logs=True, interval=0.03)]
+    result = await handle.get()
+
+    positions = [e.position for e in events if isinstance(e, fal_client.Queued)]
+    assert positions and positions == sorted(positions, reverse=True) and positions[0] == 2
+    assert any(isinstance(e, fal_client.InProgress) for e in events)
+    final = events[-1]
+    assert isinstance(final, fal_client.Completed) and final.error is None
+    assert final.logs is not None and final.logs[-1]["message"] == "Step 4/4"
+    assert {"message", "level", "source", "timestamp"} <= set(final.logs[0])
+
+    [submission] = emu.submissions
+    assert submission.app == APP and submission.request_id == handle.request_id
+    assert submission.payload["seed"] == 5 and "authorization" not in submission.headers
+    assert result["seed"] == 5 and result["has_nsfw_concepts"] == [False, False]
+    for image in result["images"]:
+        response = await fetch(image["url"])
+        assert response.headers["content-type"] == "image/png"
+        assert (
+            Image.open(io.BytesIO(response.content)).size == (512, 512) == (image["width"], image["height"])
+        )
+        assert image["file_size"] == len(response.content)
+
+
+@pytest.mark.anyio
+async def test_outputs_depend_on_seed_prompt_and_format(emu: FalEmulator) -> None:
+    client = fal_client.AsyncClient(key=emu.key)
+
+    async def run(**extra: Any) -> dict[str, Any]:
+        return await (await client.submit(APP, payload(sync_mode=True, **extra))).get()
+
+    first, again, other_seed = await run(seed=1), await run(seed=1), await run(seed=2)
+    assert first["images"][0]["url"] == again["images"][0]["url"]
+    assert first["images"][0]["url"] != other_seed["images"][0]["url"]
+    jpeg = (await run(seed=1, output_format="jpeg", image_size={"width": 20, "height": 10}))["images"][0]
+    assert jpeg["url"].startswith("data:image/jpeg;base64,") and jpeg["content_type"] == "image/jpeg"
+    image = Image.open(io.BytesIO(base64.b64decode(jpeg["url"].split(",", 1)[1])))
+    assert (image.format, image.size) == ("JPEG", (20, 10))
+    assert image.convert("RGB").getpixel((5, 5))[2] > 100  # still the blue input underneath
+
+
+@pytest.mark.anyio
+async def test_upload_then_use_the_file_as_input(emu: FalEmulator) -> None:
+    client = fal_client.AsyncClient(key=emu.key)
+    url = await client.upload(png(color=(250, 0, 0)), "image/png")
+    assert emu.uploads == [("image/png", png(color=(250, 0, 0)))]
+    downloaded = await fetch(url)
+    assert downloaded.content == png(color=(250, 0, 0)) and downloaded.headers["content-type"] == "image/png"
+    result = await (await client.submit(APP, {"prompt": "x", "image_urls": [url], "seed": 3})).get()
+    assert (result["images"][0]["width"], result["images"][0]["height"]) == (32, 24)
+
+
+@pytest.mark.anyio
+async def test_a_failing_cdn_upload_falls_back_to_storage_like_fal(emu: FalEmulator) -> None:
+    emu.add_fault("upload", "http", status=500)
+    url = await fal_client.AsyncClient(key=emu.key).upload(b"\x89PNG fake", "image/png")
+    assert (await fetch(url)).content == b"\x89PNG fake"
+    uploads = [(method, status) for method, path, status in emu.log if "upload" in path and method != "GET"]
+    assert uploads == [("POST", 500), ("POST", 200), ("PUT", 200)]
+    assert emu.uploads == [("image/png", b"\x89PNG fake")]
+
+
+@pytest.mark.anyio
+async def test_cancel_stops_a_running_request(emu: FalEmulator) -> None:
+    emu.latency_s = 5.0
+    handle = await fal_client.AsyncClient(key=emu.key).submit(APP, payload(seed=1))
+    await handle.cancel()
+    status = await handle.status()
+    assert isinstance(status, fal_client.Completed) and status.error_type == "request_cancelled"
+    assert emu.cancellations == [handle.request_id]
+    with pytest.raises(fal_client.FalClientHTTPError):
+        await handle.get()
+
+
+@pytest.mark.anyio
+async def test_wrong_key_and_bad_payloads_are_rejected_like_fal(emu: FalEmulator) -> None:
+    with pytest.raises(fal_client.FalClientHTTPError) as caught:
+        await fal_client.AsyncClient(key="nope:nope").submit(APP, payload())
+    assert caught.value.status_code == 401
+    client = fal_client.AsyncClient(key=emu.key)
+    with pytest.raises(fal_client.FalClientHTTPError) as caught:
+        await client.submit(APP, {"image_urls": [data_uri(png())] * 5})
+    assert caught.value.status_code == 422
+    fields = [item["loc"] for item in caught.value.response.json()["detail"]]
+    assert fields == [["body", "prompt"], ["body", "image_urls"]]
+    assert emu.submissions == []
+
+
+@pytest.mark.anyio
+async def test_fail_seed_completes_with_an_error_and_the_result_answers_it(emu: FalEmulator) -> None:
+    emu.fail_seed(13, "out of memory", error_type="runner_oom")
+    client = fal_client.AsyncClient(key=emu.key)
+    handle = await client.submit(APP, payload(seed=13))
+    status = await handle.status(with_logs=True)
+    assert isinstance(status, fal_client.Completed)
+    assert (status.error, status.error_type) == ("out of memory", "runner_oom")
+    with pytest.raises(fal_client.FalClientHTTPError) as caught:
+        await handle.get()
+    assert caught.value.status_code == 500 and caught.value.error_type == "runner_oom"
+    assert await (await client.submit(APP, payload(seed=14))).get()
+
+
+@pytest.mark.anyio
+async def test_http_reset_malformed_and_stall_faults_fire(emu: FalEmulator) -> None:
+    client = fal_client.AsyncClient(key=emu.key)
+    emu.add_fault("submit", "http", status=503, body={"detail": "busy"})
+    with pytest.raises(fal_client.FalClientHTTPError) as caught:
+        await client.submit(APP, payload())
+    assert (caught.value.status_code, caught.value.message) == (503, "busy")
+
+    emu.add_fault("submit", "reset")  # fal-client retries transport errors itself
+    handle = await client.submit(APP, payload(seed=1))
+    assert [status for _, _, status in emu.log][-2:] == [0, 200]
+
+    emu.add_fault("status", "malformed")
+    with pytest.raises(json.JSONDecodeError):
+        await handle.status()
+
+    emu.add_fault("result", "stall", seconds=0.4)
+    started = time.monotonic()
+    assert (await handle.get())["seed"] == 1
+    assert time.monotonic() - started >= 0.4
+
+
+@pytest.mark.anyio
+async def test_status_faults_and_file_faults(emu: FalEmulator) -> None:
+    client = fal_client.AsyncClient(key=emu.key)
+    emu.add_fault("status", "stuck_in_queue")
+    stuck = await client.submit(APP, payload(seed=1))
+    await anyio.sleep(0.1)
+    assert isinstance(await stuck.status(), fal_client.Queued)
+    assert isinstance(await stuck.status(), fal_client.Queued)  # for good, not once
+
+    emu.add_fault("status", "completed_error", message="boom", error_type="internal")
+    failed = await (await client.submit(APP, payload(seed=2))).status()
+    assert isinstance(failed, fal_client.Completed) and failed.error == "boom"
+
+    result = await (await client.submit(APP, payload(seed=3))).get()
+    url = result["images"][0]["url"]
+    emu.add_fault("file", "not_found")
+    emu.add_fault("file", "huge", size=300_000)
+    assert (await fetch(url)).status_code == 404
+    assert len((await fetch(url)).content) == 300_000
+    assert (await fetch(url)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_many_concurrent_clients(emu: FalEmulator) -> None:
+    emu.latency_s = 0.2
+    results: list[int] = []
+
+    async def one(seed: int) -> None:
+        client = fal_client.AsyncClient(key=emu.key)  # its own connections
+        handle = await client.submit(APP, payload(seed=seed))
+        results.append((await handle.get(interval=0.05))["seed"])
+
+    async with anyio.create_task_group() as group:
+        for seed in range(40):
+            group.start_soon(one, seed)
+    assert sorted(results) == list(range(40))
+
+
+def test_env_points_a_subprocess_at_the_emulator(shared_emulator: FalEmulator) -> None:
+    env = shared_emulator.env()
+    assert env["FAL_RUN_HOST"] == env["FAL_QUEUE_RUN_HOST"] == shared_emulator.host
+    assert env["FLUX_MCP_FAL_REST_URL"] == env["FLUX_MCP_FAL_CDN_URL"] == shared_emulator.base_url
+    assert env["FAL_KEY"] == shared_emulator.key
+    assert Path(env["SSL_CERT_FILE"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_close_is_quick_even_with_a_stalled_request() -> None:
+    emu = FalEmulator()
+    emu.add_fault("file", "stall", seconds=30)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        future = portal.start_task_soon(fetch, emu.base_url + "/files/nothing")
+        time.sleep(0.2)
+        started = time.monotonic()
+        emu.close()
+        assert time.monotonic() - started < 2
+        with pytest.raises(httpx.HTTPError):
+            future.result(timeout=5)

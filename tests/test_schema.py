@@ -1,0 +1,163 @@
+"""The tool schema printed by ``flux-mcp schema`` matches the endpoint's published input schema,
+field by field, so drift between flux_mcp.schema and the endpoint is caught."""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from flux_mcp.schema import CompareSeedsArgs, EditImageArgs, EditRequest
+
+ENDPOINT = json.loads((Path(__file__).parent / "data" / "endpoint_input_schema.json").read_text())
+CONSTRAINTS = ("default", "minimum", "maximum", "exclusiveMinimum", "minItems", "maxItems")
+#: Where we are deliberately stricter than the endpoint (documented in schema.py / README).
+OUR_TIGHTENINGS = {("seed", "minimum"), ("seed", "maximum")}
+
+
+def _cli_schema(tool: str) -> dict[str, Any]:
+    return json.loads(_cli_output(tool))
+
+
+@functools.cache
+def _cli_output(tool: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "flux_mcp", "schema", "--tool", tool],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout
+
+
+def _types(prop: dict[str, Any], defs: dict[str, Any]) -> set[str]:
+    if "$ref" in prop:
+        return {"object"}
+    if "anyOf" in prop:
+        return set().union(*(_types(p, defs) for p in prop["anyOf"])) - {"null"}
+    return {prop["type"]} if "type" in prop else set()
+
+
+def _enum(prop: dict[str, Any]) -> set[str]:
+    values: set[str] = set(prop.get("enum", []))
+    for option in prop.get("anyOf", []):
+        values |= set(option.get("enum", []))
+    return values
+
+
+def _nested(prop: dict[str, Any], schema: dict[str, Any], endpoint_side: bool) -> dict[str, Any] | None:
+    """The object schema inside a property (ImageSize, LoRA items) on either side."""
+    candidates = [prop, *prop.get("anyOf", []), prop.get("items", {})]
+    for cand in candidates:
+        if "$ref" in cand and endpoint_side:
+            return ENDPOINT["components"]["schemas"][cand["$ref"].split("/")[-1]]
+        if cand.get("type") == "object" and "properties" in cand:
+            return cand
+    return None
+
+
+def _compare(ours: dict[str, Any], theirs: dict[str, Any], where: str) -> list[str]:
+    problems = []
+    for name, their_prop in theirs["properties"].items():
+        our_prop = ours["properties"].get(name)
+        if our_prop is None:
+            problems.append(f"{where}{name}: missing")
+            continue
+        if _types(our_prop, {}) != _types(their_prop, {}):
+            problems.append(f"{where}{name}: type {_types(our_prop, {})} != {_types(their_prop, {})}")
+        if _enum(our_prop) != _enum(their_prop):
+            problems.append(f"{where}{name}: enum {_enum(our_prop)} != {_enum(their_prop)}")
+        for key in CONSTRAINTS:
+            if (name, key) in OUR_TIGHTENINGS:
+                continue
+            if our_prop.get(key) != their_prop.get(key):
+                problems.append(f"{where}{name}: {key} {our_prop.get(key)!r} != {their_prop.get(key)!r}")
+        if not our_prop.get("description"):
+            problems.append(f"{where}{name}: no description for the agent")
+        their_nested = _nested(their_prop, ENDPOINT, endpoint_side=True)
+        if their_nested is not None:
+            our_nested = _nested(our_prop, ours, endpoint_side=False)
+            if our_nested is None:
+                problems.append(f"{where}{name}: nested object missing")
+            else:
+                problems += _compare(our_nested, their_nested, f"{where}{name}.")
+    extra = set(ours["properties"]) - set(theirs["properties"]) - {"preset", "seeds", "count"}
+    problems += [f"{where}{name}: not an endpoint field" for name in sorted(extra)]
+    if set(ours.get("required", [])) != set(theirs.get("required", [])):
+        problems.append(f"{where}required {ours.get('required')} != {theirs.get('required')}")
+    return problems
+
+
+def test_edit_image_schema_matches_the_endpoint_field_by_field() -> None:
+    ours = _cli_schema("edit_image")
+    assert _compare(ours, ENDPOINT, "") == []
+    assert "$defs" not in json.dumps(ours) and "$ref" not in json.dumps(ours), (
+        "refs must be inlined for hosts"
+    )
+    assert {"type": "string", "maxLength": 200} in ours["properties"]["preset"]["anyOf"]
+
+
+def test_field_order_follows_the_endpoint() -> None:
+    ours = list(_cli_schema("request")["properties"])
+    assert ours == ENDPOINT["x-fal-order-properties"]
+
+
+def test_compare_seeds_schema_is_edit_image_minus_seed_and_num_images() -> None:
+    ours = _cli_schema("compare_seeds")
+    edit = _cli_schema("edit_image")
+    assert set(ours["properties"]) == set(edit["properties"]) - {"seed", "num_images"} | {"seeds", "count"}
+    for name in set(ours["properties"]) & set(edit["properties"]):
+        assert ours["properties"][name] == edit["properties"][name], name
+    assert ours["properties"]["count"]["anyOf"][0]["minimum"] == 2
+    assert ours["properties"]["count"]["anyOf"][0]["maximum"] == 8
+
+
+def test_the_drift_check_itself_catches_a_changed_range() -> None:
+    ours = _cli_schema("edit_image")
+    ours["properties"]["guidance_scale"]["maximum"] = 25
+    del ours["properties"]["cns_energy_scale"]
+    problems = _compare(ours, ENDPOINT, "")
+    assert "guidance_scale: maximum 25 != 20" in problems
+    assert "cns_energy_scale: missing" in problems
+
+
+def test_payload_sends_every_field_with_endpoint_names() -> None:
+    request = EditRequest(prompt="p", image_urls=["https://example.com/a.png"], seed=3)
+    payload = request.payload()
+    assert set(payload) == set(ENDPOINT["properties"]) - {"image_size"}
+    assert payload["seed"] == 3 and payload["loras"] == []
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        ({"guidance_scale": 25}, "guidance_scale"),
+        ({"image_urls": ["a"] * 5}, "image_urls"),
+        ({"loras": [{"path": "x"}] * 4}, "loras"),
+        ({"loras": [{"path": "x", "scale": 5}]}, "loras.0.scale"),
+        ({"num_inference_steps": 3}, "num_inference_steps"),
+        ({"cns_num_freq_bins": 129}, "cns_num_freq_bins"),
+        ({"image_size": "huge"}, "image_size"),
+        ({"guidance_scale": float("nan")}, "guidance_scale"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_field(args: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        EditImageArgs.model_validate({"prompt": "p", "image_urls": ["a"], **args})
+    locs = {".".join(str(p) for p in err["loc"]) for err in info.value.errors()}
+    assert any(loc == field or loc.startswith(field + ".") for loc in locs), locs
+
+
+def test_compare_seeds_needs_exactly_one_of_seeds_or_count() -> None:
+    base = {"prompt": "p", "image_urls": ["a"]}
+    for bad in ({}, {"seeds": [1, 2], "count": 2}, {"seeds": [1, 1]}, {"seeds": [1]}, {"count": 9}):
+        with pytest.raises(ValidationError):
+            CompareSeedsArgs.model_validate({**base, **bad})
+    assert CompareSeedsArgs.model_validate({**base, "count": 3}).count == 3
