@@ -172,6 +172,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Refuse a call whose estimated price is above this many US dollars, before anything is sent.",
     ),
     Setting(
+        "FLUX_MCP_CALL_BUDGET_S",
+        "call_budget_s",
+        _float(1, 3600),
+        "50",
+        "How long edit_image/compare_seeds wait before answering with a job id instead (keep it below the "
+        "host's tool-call timeout, ~60 s in Claude Desktop); the work goes on and get_result collects it.",
+    ),
+    Setting(
         "FLUX_MCP_JOB_TIMEOUT_S",
         "job_timeout_s",
         _float(1, 86400),
@@ -274,6 +282,7 @@ class Settings:
     fal_upload: str = "cdn"
     fal_concurrency: int = 4
     max_cost_usd: float | None = None
+    call_budget_s: float = 50.0
     job_timeout_s: float = 600.0
     download_timeout_s: float = 60.0
     max_download_mb: float = 64.0

@@ -17,22 +17,33 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError, ToolError
 from mcp.server.mcpserver.tools.base import Tool
 from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .config import Settings
 from .errors import FluxMCPError, NotFound
+from .jobs import Job, JobManager
 from .schema import CompareSeedsArgs, EditImageArgs
 from .service import CompareOutcome, CompareOutput, EditOutcome, EditOutput, FluxService, PresetsOutput
 
-__all__ = ["build_server", "render_compare", "render_edit", "render_presets", "tool_input_schema"]
+__all__ = [
+    "AppState",
+    "build_server",
+    "render_compare",
+    "render_edit",
+    "render_pending",
+    "render_presets",
+    "tool_input_schema",
+]
 
 logger = logging.getLogger("flux_mcp")
 
@@ -43,6 +54,7 @@ Edit images with FLUX.2 [klein] 9B Base and trained edit LoRAs.
   resource links and structured content with ids and paths.
 - compare_seeds: same arguments, run with several seeds at once; returns one labelled contact sheet.
 - list_presets: presets, image sizes, the user's LoRA library (with trigger words) and the active backend.
+- Long calls return a job id instead of timing out: collect with get_result, stop with cancel_job.
 Chain edits by passing flux://images/<id> from one result into the next call's image_urls.
 """
 
@@ -94,8 +106,20 @@ def _model_tool(
     return tool
 
 
-def _service(ctx: Context) -> FluxService:
+@dataclass(frozen=True)
+class AppState:
+    """What the lifespan gives every request: the service and the job manager."""
+
+    service: FluxService
+    jobs: JobManager
+
+
+def _state(ctx: Context) -> AppState:
     return ctx.request_context.lifespan_context
+
+
+def _service(ctx: Context) -> FluxService:
+    return _state(ctx).service
 
 
 def _progress(ctx: Context) -> Callable[[float, float | None, str], Awaitable[None]]:
@@ -105,18 +129,46 @@ def _progress(ctx: Context) -> Callable[[float, float | None, str], Awaitable[No
     return report
 
 
+async def _call_as_job(ctx: Context, tool: str, arguments: dict[str, Any]) -> CallToolResult:
+    """Validate, start the job, wait up to the call budget; the result, or a "still running" answer."""
+    state = _state(ctx)
+    try:
+        call = await state.service.prepare(tool, arguments)
+    except FluxMCPError as exc:
+        raise ToolError(str(exc)) from exc
+    job = await state.jobs.submit(call)
+    try:
+        finished = await state.jobs.wait(job, state.service.settings.call_budget_s, _progress(ctx))
+    except anyio.get_cancelled_exc_class():
+        # The host cancelled the call while it was still a call: stop the work (and fal's job).
+        with anyio.CancelScope(shield=True):
+            await state.jobs.cancel(job)
+        raise
+    if not finished:
+        return render_pending(job, state.jobs.pending_view(job))
+    return await _job_result(state.jobs, job)
+
+
+async def _job_result(jobs: JobManager, job: Job) -> CallToolResult:
+    if job.state == "done":
+        outcome = await jobs.outcome(job)
+        return render_compare(outcome) if isinstance(outcome, CompareOutcome) else render_edit(outcome)
+    if job.state == "failed":
+        raise ToolError(job.record.info.error or "the job failed")
+    if job.state == "cancelled":
+        raise ToolError(f"job {job.id} was cancelled; nothing was saved for it.")
+    return render_pending(job, jobs.pending_view(job))
+
+
 async def edit_image(arguments: dict[str, Any], ctx: Context) -> Annotated[CallToolResult, EditOutput]:
     """Apply FLUX.2 [klein] 9B Base (with edit LoRAs) to 1-4 input images.
 
     Results are saved to the output folder before the call returns; each comes back as a small
     preview, a flux://images/<id> resource link and structured data (id, path, seed). Pass a
-    flux://images/<id> in image_urls to keep editing a result.
+    flux://images/<id> in image_urls to keep editing a result. A call that takes longer than the
+    server's time budget returns a job id instead; collect the result with get_result.
     """
-    try:
-        outcome = await _service(ctx).edit(arguments, _progress(ctx))
-    except FluxMCPError as exc:
-        raise ToolError(str(exc)) from exc
-    return render_edit(outcome)
+    return await _call_as_job(ctx, "edit_image", arguments)
 
 
 async def compare_seeds(arguments: dict[str, Any], ctx: Context) -> Annotated[CallToolResult, CompareOutput]:
@@ -124,12 +176,63 @@ async def compare_seeds(arguments: dict[str, Any], ctx: Context) -> Annotated[Ca
 
     Give `seeds` (explicit) or `count` (random seeds, reported). Every image is saved with its own id;
     re-run edit_image with the seed you like, or use its flux://images/<id> as the next input.
+    Long runs return a job id; collect the result with get_result.
     """
+    return await _call_as_job(ctx, "compare_seeds", arguments)
+
+
+async def get_result(
+    job_id: Annotated[
+        str, Field(description="The job id from a 'still running' edit_image/compare_seeds result.")
+    ],
+    ctx: Context,
+    wait_s: Annotated[
+        float,
+        Field(
+            ge=0, le=3600, description="Wait up to this many seconds for the job (capped at the call budget)."
+        ),
+    ] = 0,
+) -> CallToolResult:
+    """Collect a job: exactly what the original edit_image/compare_seeds call would have returned once it is
+    done, or its progress while it still runs. Works after a server restart too."""
+    state = _state(ctx)
     try:
-        outcome = await _service(ctx).compare(arguments, _progress(ctx))
+        job = await state.jobs.get(job_id)
     except FluxMCPError as exc:
         raise ToolError(str(exc)) from exc
-    return render_compare(outcome)
+    await state.jobs.wait(job, min(wait_s, state.service.settings.call_budget_s), _progress(ctx))
+    return await _job_result(state.jobs, job)
+
+
+async def cancel_job(
+    job_id: Annotated[str, Field(description="The job id to stop.")], ctx: Context
+) -> CallToolResult:
+    """Stop a running job (a hosted job is cancelled on fal as well). Finished jobs are left as they are."""
+    state = _state(ctx)
+    try:
+        job = await state.jobs.get(job_id)
+        await state.jobs.cancel(job)
+    except FluxMCPError as exc:
+        raise ToolError(str(exc)) from exc
+    info = job.record.info
+    return CallToolResult(
+        content=[TextContent(type="text", text=f"Job {job.id} is {info.state}.")],
+        structured_content={"job": info.model_dump(mode="json")},
+    )
+
+
+def render_pending(job: Job, pending: BaseModel) -> CallToolResult:
+    info = job.record.info
+    done = f"{info.progress:g}/{info.total:g}" if info.total else f"{info.progress:g}"
+    text = (
+        f"Still running after the server's time budget: job {job.id} ({info.state}, progress {done}: "
+        f"{info.message or 'working'}). The work continues on the server and every image will be saved. "
+        f"Call get_result with job_id={job.id!r} (and wait_s up to a minute) to collect it, "
+        "or cancel_job to stop it."
+    )
+    return CallToolResult(
+        content=[TextContent(type="text", text=text)], structured_content=pending.model_dump(mode="json")
+    )
 
 
 async def list_presets(ctx: Context) -> Annotated[CallToolResult, PresetsOutput]:
@@ -250,7 +353,7 @@ def _sniff(data: bytes) -> str:
     return "application/octet-stream"
 
 
-class FluxMCPServer(MCPServer[FluxService]):
+class FluxMCPServer(MCPServer[AppState]):
     """MCPServer whose image resource reports each file's real MIME type (templates declare one)."""
 
     async def read_resource(self, uri: Any, context: Any = None) -> Any:
@@ -266,11 +369,12 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
     """The MCP server, with a lifespan that starts (and closes) one FluxService."""
 
     @asynccontextmanager
-    async def lifespan(_: MCPServer[FluxService]) -> AsyncIterator[FluxService]:
+    async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
         svc = service or FluxService(settings)
         await svc.start()
         try:
-            yield svc
+            async with JobManager(svc).running() as jobs:
+                yield AppState(svc, jobs)
         finally:
             await svc.aclose()
 
@@ -300,6 +404,22 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
             title="List presets, LoRA library and backend",
             description=list_presets.__doc__ or "",
             annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        ),
+        Tool.from_function(
+            get_result,
+            name="get_result",
+            title="Collect a long-running edit",
+            description=get_result.__doc__ or "",
+            structured_output=False,
+            annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
+        ),
+        Tool.from_function(
+            cancel_job,
+            name="cancel_job",
+            title="Cancel a long-running edit",
+            description=cancel_job.__doc__ or "",
+            structured_output=False,
+            annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=True),
         ),
     ]
     server = FluxMCPServer(

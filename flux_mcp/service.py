@@ -18,16 +18,16 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
 from pydantic import BaseModel, Field, ValidationError
 
 from . import images as imaging
-from .backends import Backend, BackendResult, GeneratedImage, InputImage, create_backend
+from .backends import Backend, BackendResult, GeneratedImage, InputImage, SeedOutcome, create_backend
 from .config import Settings
-from .errors import CostLimitExceeded, FluxMCPError, InvalidRequest
+from .errors import BackendError, BackendUnavailable, CostLimitExceeded, FluxMCPError, InvalidRequest
 from .presets import LoraEntry, Preset, PresetLibrary, apply_preset, describe_validation_error
 from .schema import IMAGE_SIZE_PRESETS, MAX_SEED, CompareSeedsArgs, EditImageArgs, EditRequest, output_size
 from .store import ResultStore, StoredFile
@@ -40,8 +40,11 @@ __all__ = [
     "EditOutput",
     "FluxService",
     "ImageOut",
+    "JobInfo",
+    "PreparedCall",
     "PresetsOutput",
     "ProgressFn",
+    "public_params",
 ]
 
 #: Published price of the hosted endpoint: inputs (counted at ~1 MP each) plus outputs.
@@ -71,7 +74,23 @@ class LoraUse(BaseModel):
     trigger_word: str | None = None
 
 
+class JobInfo(BaseModel):
+    """A call that outlived its time budget keeps running on the server as a job."""
+
+    id: str = Field(description="Pass to get_result (to collect) or cancel_job (to stop).")
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    progress: float = 0.0
+    total: float | None = None
+    message: str = ""
+    created: str
+    updated: str
+    error: str | None = None
+
+
 class _CallOutput(BaseModel):
+    job: JobInfo | None = Field(
+        None, description="Set when the call is still running as a job: collect it with get_result."
+    )
     prompt: str
     backend: str
     endpoint: str
@@ -95,8 +114,8 @@ class _CallOutput(BaseModel):
 class EditOutput(_CallOutput):
     """Structured result of edit_image."""
 
-    images: list[ImageOut]
-    seed: int = Field(description="Seed of the first image; image i used seed + i.")
+    images: list[ImageOut] = Field(default_factory=list)
+    seed: int | None = Field(None, description="Seed of the first image; image i used seed + i.")
 
 
 class SeedRun(BaseModel):
@@ -108,8 +127,10 @@ class SeedRun(BaseModel):
 class CompareOutput(_CallOutput):
     """Structured result of compare_seeds."""
 
-    runs: list[SeedRun] = Field(description="One entry per seed, in the order of the contact sheet.")
-    seeds: list[int]
+    runs: list[SeedRun] = Field(
+        default_factory=list, description="One entry per seed, in the order of the contact sheet."
+    )
+    seeds: list[int] = Field(default_factory=list)
     failed_seeds: list[int] = Field(default_factory=list)
 
 
@@ -157,17 +178,48 @@ class CompareOutcome:
     sheet: bytes
 
 
+@dataclass
+class PreparedCall:
+    """A validated call, ready to run: what ``FluxService.prepare`` checked and resolved."""
+
+    tool: str
+    request: EditRequest
+    preset: Preset | None
+    library_loras: list[dict[str, Any]]
+    inputs: list[InputImage]
+    #: compare_seeds only: one run per seed.
+    seeds: list[int] | None
+    cost: float
+    backend: Backend
+
+    def pending(self, job: JobInfo) -> EditOutput | CompareOutput:
+        """The structured result of a call that is still running as ``job``."""
+        common: dict[str, Any] = {
+            "job": job,
+            "prompt": self.request.prompt,
+            "backend": self.backend.name,
+            "endpoint": self.backend.endpoint,
+            "params": public_params(self.request),
+            "preset": self.preset.name if self.preset else None,
+            "estimated_cost_usd": self.cost,
+            "library_loras": [LoraUse(**lora) for lora in self.library_loras],
+        }
+        if self.seeds is None:
+            return EditOutput(seed=self.request.seed, **common)
+        return CompareOutput(seeds=self.seeds, **common)
+
+
 class _Monotonic:
     """Forwards progress, never letting the number go backwards (hosts may reject that)."""
 
-    def __init__(self, sink: ProgressFn | None, offset: float = 0.0) -> None:
+    def __init__(self, sink: ProgressFn | None) -> None:
         self._sink = sink
-        self._last = offset
+        self.last = 0.0
 
     async def __call__(self, progress: float, total: float | None, message: str) -> None:
-        self._last = max(self._last, progress)
+        self.last = max(self.last, progress)
         if self._sink is not None:
-            await self._sink(self._last, total, message)
+            await self._sink(self.last, total, message)
 
 
 class FluxService:
@@ -197,52 +249,95 @@ class FluxService:
     # -- edit_image -----------------------------------------------------------------------------
 
     async def edit(self, args: dict[str, Any], progress: ProgressFn | None = None) -> EditOutcome:
-        report = _Monotonic(progress)
-        request, preset, library_loras = self._request(args, EditImageArgs)
+        """edit_image in one go: prepare, run, store."""
+        outcome = await self.run(await self.prepare("edit_image", args), progress)
+        assert isinstance(outcome, EditOutcome)
+        return outcome
+
+    async def compare(self, args: dict[str, Any], progress: ProgressFn | None = None) -> CompareOutcome:
+        """compare_seeds in one go: prepare, run, store."""
+        outcome = await self.run(await self.prepare("compare_seeds", args), progress)
+        assert isinstance(outcome, CompareOutcome)
+        return outcome
+
+    async def prepare(self, tool: str, args: dict[str, Any]) -> PreparedCall:
+        """Everything that can refuse a call, before anything is sent: arguments, preset, backend,
+        inputs, price. Errors here are the caller's to fix and never leave a job behind."""
+        model = CompareSeedsArgs if tool == "compare_seeds" else EditImageArgs
+        fields, preset, library_loras = self._validated(args, model)
+        seeds = None
+        if tool == "compare_seeds":
+            seeds = list(fields.pop("seeds", None) or _random_seeds(fields.pop("count")))
+            fields.pop("count", None)
+        request = self._to_request(fields)
         backend = self.backend
-        await report(0, None, "checking inputs")
         inputs = await imaging.resolve_inputs(request.image_urls, self.settings, self.store)
-        cost = estimate_cost(request, inputs, request.num_images)
+        cost = estimate_cost(request, inputs, len(seeds) if seeds else request.num_images)
         self._check_cost(cost, backend)
+        return PreparedCall(tool, request, preset, library_loras, inputs, seeds, cost, backend)
+
+    async def run(
+        self, call: PreparedCall, progress: ProgressFn | None = None
+    ) -> EditOutcome | CompareOutcome:
+        """Run a prepared call on its backend and store every image before returning."""
+        report = _Monotonic(progress)
         started = time.perf_counter()
-        result = await backend.edit(request, inputs, report)
-        await report(_last(report), None, "saving results")
-        stored = await self._store_all(result.images, request, preset, result, backend, library_loras)
+        if call.seeds is None:
+            result = await call.backend.edit(call.request, call.inputs, report)
+            await report(report.last, None, "saving results")
+            return await self._finish_edit(call, result, started)
+        outcomes = await call.backend.edit_seeds(call.request, call.inputs, call.seeds, report)
+        await report(report.last, None, "saving results")
+        return await self._finish_compare(call, outcomes, started)
+
+    async def collect(
+        self, call: PreparedCall, remote: dict[str, int | None], progress: ProgressFn | None = None
+    ) -> EditOutcome | CompareOutcome:
+        """Finish a call whose jobs were already submitted (by request id), e.g. after a restart."""
+        report = _Monotonic(progress)
+        started = time.perf_counter()
+        collect = getattr(call.backend, "collect", None)
+        if collect is None:
+            raise BackendUnavailable(f"the {call.backend.name} backend cannot resume submitted jobs")
+        if call.seeds is None:
+            (request_id,) = remote
+            result = await collect(request_id, call.request, report)
+            return await self._finish_edit(call, result, started)
+        by_seed = {seed: rid for rid, seed in remote.items()}
+        outcomes: list[SeedOutcome] = []
+        for seed in call.seeds:
+            if seed not in by_seed:
+                outcomes.append(BackendError("this seed was not submitted before the server restarted"))
+                continue
+            try:
+                outcomes.append(
+                    await collect(by_seed[seed], call.request.model_copy(update={"seed": seed}), report)
+                )
+            except FluxMCPError as exc:
+                outcomes.append(exc)
+        return await self._finish_compare(call, outcomes, started)
+
+    async def _finish_edit(self, call: PreparedCall, result: BackendResult, started: float) -> EditOutcome:
+        stored = await self._store_all(result.images, call.request, call, result)
         output = EditOutput(
-            images=[_image_out(s) for s in stored],
-            seed=result.seed,
-            **self._common(request, preset, backend, result, cost, library_loras, started),
+            images=[_image_out(s) for s in stored], seed=result.seed, **self._common(call, result, started)
         )
         previews = await anyio.to_thread.run_sync(_previews, [img.data for img in result.images])
         return EditOutcome(output, previews)
 
-    # -- compare_seeds --------------------------------------------------------------------------
-
-    async def compare(self, args: dict[str, Any], progress: ProgressFn | None = None) -> CompareOutcome:
-        report = _Monotonic(progress)
-        parsed, preset, library_loras = self._validated(args, CompareSeedsArgs)
-        seeds = list(parsed.pop("seeds", None) or _random_seeds(parsed.pop("count")))
-        parsed.pop("count", None)
-        request = self._to_request(parsed)
-        backend = self.backend
-        await report(0, None, "checking inputs")
-        inputs = await imaging.resolve_inputs(request.image_urls, self.settings, self.store)
-        cost = estimate_cost(request, inputs, len(seeds))
-        self._check_cost(cost, backend)
-        started = time.perf_counter()
-        outcomes = await backend.edit_seeds(request, inputs, seeds, report)
-        await report(_last(report), None, "saving results")
+    async def _finish_compare(
+        self, call: PreparedCall, outcomes: list[SeedOutcome], started: float
+    ) -> CompareOutcome:
+        assert call.seeds is not None
         runs: list[SeedRun] = []
         cells: list[tuple[bytes | None, str]] = []
         notes: list[str] = []
         details: dict[str, Any] = {}
         timings: dict[str, float] = {}
-        for seed, outcome in zip(seeds, outcomes, strict=True):
+        for seed, outcome in zip(call.seeds, outcomes, strict=True):
             if isinstance(outcome, BackendResult):
-                seeded = request.model_copy(update={"seed": seed, "num_images": 1})
-                (stored,) = await self._store_all(
-                    outcome.images[:1], seeded, preset, outcome, backend, library_loras
-                )
+                seeded = call.request.model_copy(update={"seed": seed, "num_images": 1})
+                (stored,) = await self._store_all(outcome.images[:1], seeded, call, outcome)
                 runs.append(SeedRun(seed=seed, image=_image_out(stored)))
                 cells.append((outcome.images[0].data, f"seed {seed}"))
                 notes.extend(n for n in outcome.notes if n not in notes)
@@ -251,15 +346,35 @@ class FluxService:
             else:
                 runs.append(SeedRun(seed=seed, error=str(outcome)))
                 cells.append((None, f"seed {seed} (failed)"))
-        summary = BackendResult(images=[], seed=seeds[0], timings=timings, notes=notes, details=details)
+        summary = BackendResult(images=[], seed=call.seeds[0], timings=timings, notes=notes, details=details)
         output = CompareOutput(
             runs=runs,
-            seeds=seeds,
+            seeds=call.seeds,
             failed_seeds=[r.seed for r in runs if r.error is not None],
-            **self._common(request, preset, backend, summary, cost, library_loras, started),
+            **self._common(call, summary, started),
         )
         sheet = await anyio.to_thread.run_sync(imaging.contact_sheet, cells)
         return CompareOutcome(output, sheet)
+
+    async def reload(self, tool: str, output: dict[str, Any]) -> EditOutcome | CompareOutcome:
+        """Rebuild a finished call's outcome from its structured output and the stored files
+        (previews and contact sheets are made from the same bytes, so they come out the same)."""
+
+        def build() -> EditOutcome | CompareOutcome:
+            if tool == "compare_seeds":
+                parsed = CompareOutput.model_validate(output)
+                cells = [
+                    (
+                        self.store.read(r.image.id)[0] if r.image else None,
+                        f"seed {r.seed}" if r.image else f"seed {r.seed} (failed)",
+                    )
+                    for r in parsed.runs
+                ]
+                return CompareOutcome(parsed, imaging.contact_sheet(cells))
+            edit = EditOutput.model_validate(output)
+            return EditOutcome(edit, _previews([self.store.read(img.id)[0] for img in edit.images]))
+
+        return await anyio.to_thread.run_sync(build)
 
     # -- list_presets ---------------------------------------------------------------------------
 
@@ -300,12 +415,6 @@ class FluxService:
         fields = parsed.model_dump(exclude={"preset"})
         return fields, preset, library_loras
 
-    def _request(
-        self, args: dict[str, Any], model: type[BaseModel]
-    ) -> tuple[EditRequest, Preset | None, list[dict[str, Any]]]:
-        fields, preset, library_loras = self._validated(args, model)
-        return self._to_request(fields), preset, library_loras
-
     def _to_request(self, fields: dict[str, Any]) -> EditRequest:
         try:
             return EditRequest.model_validate(fields)
@@ -322,15 +431,10 @@ class FluxService:
             )
 
     async def _store_all(
-        self,
-        generated: list[GeneratedImage],
-        request: EditRequest,
-        preset: Preset | None,
-        result: BackendResult,
-        backend: Backend,
-        library_loras: list[dict[str, Any]],
+        self, generated: list[GeneratedImage], request: EditRequest, call: PreparedCall, result: BackendResult
     ) -> list[StoredFile]:
-        params = _public_params(request)
+        preset, backend, library_loras = call.preset, call.backend, call.library_loras
+        params = public_params(request)
         created = datetime.now(UTC).isoformat(timespec="seconds")
 
         def write() -> list[StoredFile]:
@@ -359,16 +463,8 @@ class FluxService:
 
         return await anyio.to_thread.run_sync(write)
 
-    def _common(
-        self,
-        request: EditRequest,
-        preset: Preset | None,
-        backend: Backend,
-        result: BackendResult,
-        cost: float,
-        library_loras: list[dict[str, Any]],
-        started: float,
-    ) -> dict[str, Any]:
+    def _common(self, call: PreparedCall, result: BackendResult, started: float) -> dict[str, Any]:
+        request, preset, backend = call.request, call.preset, call.backend
         timings = {**result.timings, "call_s": round(time.perf_counter() - started, 3)}
         notes = list(result.notes)
         if backend.name != "fal":
@@ -379,12 +475,12 @@ class FluxService:
             "prompt": request.prompt,
             "backend": backend.name,
             "endpoint": backend.endpoint,
-            "params": _public_params(request),
+            "params": public_params(request),
             "preset": preset.name if preset else None,
             "timings": timings,
-            "estimated_cost_usd": cost,
+            "estimated_cost_usd": call.cost,
             "notes": notes,
-            "library_loras": [LoraUse(**lora) for lora in library_loras],
+            "library_loras": [LoraUse(**lora) for lora in call.library_loras],
             "details": result.details,
         }
 
@@ -407,10 +503,6 @@ def _random_seeds(count: int) -> list[int]:
         if seed not in seeds:
             seeds.append(seed)
     return seeds
-
-
-def _last(report: _Monotonic) -> float:
-    return report._last
 
 
 def _parse_json_strings(args: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
@@ -444,7 +536,7 @@ def _validation_message(exc: ValidationError, preset: Preset | None) -> str:
 _DATA_URI_HEAD = re.compile(r"^(data:[^,]{0,100},)(.*)$", re.S)
 
 
-def _public_params(request: EditRequest) -> dict[str, Any]:
+def public_params(request: EditRequest) -> dict[str, Any]:
     """The effective request for results and sidecars, with data URIs shortened (no base64 in results)."""
     params = request.model_dump(mode="json")
     params["image_urls"] = [_shorten(u) for u in params["image_urls"]]

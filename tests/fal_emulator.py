@@ -3,7 +3,8 @@
 The hosted backend is tested against this server, never by patching the backend: the real
 ``fal_client.AsyncClient`` talks to it unchanged (in-process by patching fal_client's URL globals,
 or from a server subprocess through ``FalEmulator.env()``). It speaks the routes fal-client 1.0
-uses: submit, status (with logs), result, cancel, the CDN token and upload, and file downloads.
+uses: submit, status (with logs), result, cancel, the CDN token and upload (with fal-client's
+storage fallback), and file downloads.
 
 Outputs are real images derived from the inputs: the first input is decoded (data URI or a file
 uploaded here; any other URL becomes a generated placeholder, nothing external is ever fetched),
@@ -31,6 +32,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +49,7 @@ ROUTES = frozenset({"submit", "status", "result", "cancel", "file", "upload", "t
 KINDS = frozenset(
     {"http", "reset", "malformed", "stall", "huge", "completed_error", "stuck_in_queue", "not_found"}
 )
+#: fal's image-size presets (kept here, not imported: the emulator knows only fal's side).
 SIZE_PRESETS = {
     "square_hd": (1024, 1024),
     "square": (512, 512),
@@ -86,25 +89,36 @@ class _Job:
     id: str
     app: str
     payload: dict[str, Any]
-    created: float
     queue_s: float
     latency_s: float
-    steps: int
+    created: float = field(default_factory=time.monotonic)
     cancelled: bool = False
     stuck: bool = False
-    #: (message, error_type, HTTP status of the result route) once the job failed.
+    #: (message, error_type, HTTP status of the result route): failed now, or once it has run.
     error: tuple[str, str, int] | None = None
+    fails_at_end: tuple[str, str, int] | None = None
     output: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def phase(self, now: float) -> tuple[str, float]:
+    @property
+    def steps(self) -> int:
+        steps = self.payload.get("num_inference_steps")
+        return steps if isinstance(steps, int) and steps > 0 else 28
+
+    @property
+    def failure(self) -> tuple[str, str, int] | None:
+        """Why the job failed, once it has (None while it runs or when it succeeded)."""
+        return self.error or (self.fails_at_end if self.phase()[0] == "done" else None)
+
+    def phase(self) -> tuple[str, float]:
         """("queue", fraction of the queue left) / ("progress", fraction done) / ("done", 1)."""
         if self.error is not None or self.cancelled:
             return "done", 1.0
-        elapsed = now - self.created
-        if self.stuck or elapsed < self.queue_s:
-            left = 1.0 if self.stuck else (self.queue_s - elapsed) / self.queue_s
-            return "queue", left
+        elapsed = time.monotonic() - self.created
+        if self.stuck:
+            return "queue", 1.0
+        if elapsed < self.queue_s:
+            return "queue", (self.queue_s - elapsed) / self.queue_s
         if elapsed < self.queue_s + self.latency_s:
             return "progress", (elapsed - self.queue_s) / self.latency_s
         return "done", 1.0
@@ -123,37 +137,36 @@ class FalEmulator:
 
     def __init__(self, key: str = "test-key-id:test-key-secret") -> None:
         self.key = key
-        #: Model time per request spent IN_PROGRESS, and time spent IN_QUEUE (seconds).
+        #: Model time per request spent IN_PROGRESS, and time spent IN_QUEUE (seconds); read at submit.
         self.latency_s = 0.0
         self.queue_s = 0.0
         #: Report every output as NSFW (has_nsfw_concepts all true).
         self.flag_nsfw = False
+        # Recordings, appended under the lock by the serving threads; tests read them directly.
+        self.submissions: list[Submission] = []
+        self.cancellations: list[str] = []
+        self.uploads: list[tuple[str, bytes]] = []
+        self.log: list[tuple[str, str, int]] = []  # (method, path with query, status; 0 = reset)
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._jobs: dict[str, _Job] = {}
         self._files: dict[str, tuple[str, bytes]] = {}
         self._tokens: set[str] = set()
-        self._pending: dict[str, str] = {}  # upload slot -> content type (storage fallback)
+        self._pending: dict[str, str] = {}  # storage-fallback upload slot -> content type
         self._faults: list[_Fault] = []
         self._fail_seeds: dict[int, tuple[str, str, int]] = {}
-        # Recordings: appended under the lock by the serving threads; read them from tests.
-        self.submissions: list[Submission] = []
-        self.cancellations: list[str] = []
-        self.uploads: list[tuple[str, bytes]] = []
-        self.log: list[tuple[str, str, int]] = []
         self._tmp = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
         ca = trustme.CA()
         self.ca_path = str(self._tmp / "ca.pem")
         ca.cert_pem.write_to_path(self.ca_path)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
-        self._server = _TLSServer(("127.0.0.1", 0), _Handler, context, self)
+        self._server = _TLSServer(("127.0.0.1", 0), _Handler)
+        self._server.context, self._server.emulator = context, self
         self.port: int = self._server.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
         self.base_url = f"https://{self.host}"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ lifecycle and public API
@@ -199,7 +212,8 @@ class FalEmulator:
         """Make the next ``times`` requests to ``route`` (None = all of them) misbehave as ``kind``.
 
         Params by kind: http(status=500, body=None, headers=None), stall(seconds=1.0),
-        huge(size=bytes, declare_length=True), completed_error(message, error_type).
+        huge(size=8 MiB, declare_length=True), completed_error(message, error_type, status=500).
+        ``completed_error`` and ``stuck_in_queue`` mark the job whose status was asked, for good.
         """
         if route not in ROUTES or kind not in KINDS:
             raise ValueError(
@@ -215,16 +229,16 @@ class FalEmulator:
         with self._lock:
             self._fail_seeds[seed] = (message, error_type, status)
 
-    def wait_until(self, predicate: Any, timeout: float = 5.0) -> bool:
+    def wait_until(self, predicate: Callable[[], object], timeout: float = 5.0) -> bool:
         """Poll ``predicate()`` until it is true or ``timeout`` passes (for subprocess tests)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return True
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.02)
-        return bool(predicate())
+        return True
 
-    # ------------------------------------------------------------------ internals used by the handler
+    # ------------------------------------------------------------------ state used by the handler
 
     def _take_fault(self, route: str) -> _Fault | None:
         with self._lock:
@@ -239,9 +253,6 @@ class FalEmulator:
         with self._lock:
             self.log.append((method, path, status))
 
-    def _stall(self, seconds: float) -> None:
-        self._closing.wait(min(max(seconds, 0.0), MAX_STALL_S))
-
     def _job(self, request_id: str) -> _Job:
         with self._lock:
             job = self._jobs.get(request_id)
@@ -253,144 +264,137 @@ class FalEmulator:
         base = f"{self.base_url}/{job.app}/requests/{job.id}"
         return {"response_url": base, "status_url": base + "/status", "cancel_url": base + "/cancel"}
 
-    # routes -----------------------------------------------------------------------------------
-
-    def submit(self, app_path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        try:
-            payload = json.loads(body or b"null")
-        except ValueError:
-            raise _Reply(422, {"detail": "Request body is not valid JSON"}) from None
-        _validate(payload, self._decode_input)
-        request_id = str(uuid.uuid4())
-        owner_alias = "/".join(app_path.strip("/").split("/")[:2])
-        job = _Job(
-            id=request_id,
-            app=owner_alias,
-            payload=payload,
-            created=time.monotonic(),
-            queue_s=self.queue_s,
-            latency_s=self.latency_s,
-            steps=int(payload.get("num_inference_steps", 28)),
-        )
-        with self._lock:
-            failing = (
-                self._fail_seeds.get(payload.get("seed")) if isinstance(payload.get("seed"), int) else None
-            )
-            self._jobs[request_id] = job
-            self.submissions.append(Submission(app_path.strip("/"), payload, request_id, headers))
-        job.error = failing
-        return {
-            "request_id": request_id,
-            **self._urls(job),
-            "status": "IN_QUEUE",
-            "queue_position": QUEUE_POSITIONS - 1 if job.queue_s > 0 else 0,
-        }
-
-    def status(self, job: _Job, with_logs: bool) -> dict[str, Any]:
-        phase, fraction = job.phase(time.monotonic())
-        answer: dict[str, Any] = {"request_id": job.id, "response_url": self._urls(job)["response_url"]}
-        if phase == "queue":
-            position = min(QUEUE_POSITIONS - 1, int(fraction * QUEUE_POSITIONS))
-            return {**answer, "status": "IN_QUEUE", "queue_position": position}
-        done_steps = job.steps if phase == "done" else int(fraction * job.steps)
-        logs = self._step_logs(job, done_steps) if with_logs else None
-        if phase == "progress":
-            return {**answer, "status": "IN_PROGRESS", "logs": logs}
-        answer.update(status="COMPLETED", logs=logs, metrics={"inference_time": job.latency_s})
-        if job.cancelled:
-            answer.update(error="Request was cancelled", error_type="request_cancelled")
-        elif job.error is not None:
-            answer.update(error=job.error[0], error_type=job.error[1])
-        return answer
-
-    def _step_logs(self, job: _Job, done_steps: int) -> list[dict[str, Any]]:
-        start = datetime.now(UTC) - timedelta(seconds=time.monotonic() - job.created - job.queue_s)
-        step_s = job.latency_s / max(job.steps, 1)
-        lines = [("Loading input images", start)]
-        lines += [
-            (f"Step {k}/{job.steps}", start + timedelta(seconds=k * step_s)) for k in range(1, done_steps + 1)
-        ]
-        return [
-            {"message": message, "level": "INFO", "source": "user", "timestamp": stamp.isoformat()}
-            for message, stamp in lines
-        ]
-
-    def result(self, job: _Job) -> dict[str, Any]:
-        phase, _ = job.phase(time.monotonic())
-        if job.cancelled:
-            raise _Reply(400, {"detail": "Request was cancelled", "error_type": "request_cancelled"})
-        if job.error is not None:
-            message, error_type, status = job.error
-            raise _Reply(
-                status, {"detail": message, "error_type": error_type}, {"X-Fal-Error-Type": error_type}
-            )
-        if phase != "done":
-            raise _Reply(400, {"detail": "Request is still in progress"})
-        with job.lock:
-            if job.output is None:
-                job.output = self._generate(job)
-            return job.output
-
-    def cancel(self, job: _Job) -> dict[str, Any]:
-        with self._lock:
-            self.cancellations.append(job.id)
-        phase, _ = job.phase(time.monotonic())
-        if phase == "done":
-            return {"status": "ALREADY_COMPLETED"}
-        job.cancelled = True
-        return {"status": "CANCELLATION_REQUESTED"}
-
-    def token(self) -> dict[str, Any]:
-        token = uuid.uuid4().hex
-        with self._lock:
-            self._tokens.add(token)
-        expires = datetime.now(UTC) + timedelta(hours=1)
-        return {
-            "token": token,
-            "token_type": "Bearer",
-            "base_url": self.base_url,
-            "expires_at": expires.isoformat(),
-        }
-
-    def store_upload(self, content_type: str, data: bytes) -> str:
-        with self._lock:
-            self.uploads.append((content_type, data))
-        return self._store_file(content_type, data, "upload")
-
-    def initiate_upload(self, info: dict[str, Any]) -> dict[str, str]:
-        slot = uuid.uuid4().hex
-        with self._lock:
-            self._pending[slot] = str(info.get("content_type", "application/octet-stream"))
-        return {
-            "upload_url": f"{self.base_url}/files/upload/put/{slot}",
-            "file_url": f"{self.base_url}/files/upload-{slot}",
-        }
-
     def _store_file(self, content_type: str, data: bytes, stem: str) -> str:
         name = f"{stem}-{uuid.uuid4().hex}"
         with self._lock:
             self._files[name] = (content_type, data)
         return f"{self.base_url}/files/{name}"
 
-    def file(self, name: str) -> tuple[str, bytes]:
+    def _file(self, name: str) -> tuple[str, bytes]:
         with self._lock:
             found = self._files.get(name)
         if found is None:
             raise _Reply(404, {"detail": "File not found"})
         return found
 
-    # outputs ----------------------------------------------------------------------------------
+    # ------------------------------------------------------------------ the queue protocol
+
+    def _submit(self, app_path: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        try:
+            payload = json.loads(body or b"null")
+        except ValueError:
+            raise _Reply(422, {"detail": "Request body is not valid JSON"}) from None
+        _validate(payload, self._decode_input)
+        app = app_path.strip("/")
+        job = _Job(str(uuid.uuid4()), "/".join(app.split("/")[:2]), payload, self.queue_s, self.latency_s)
+        seed = payload.get("seed")
+        with self._lock:
+            job.fails_at_end = self._fail_seeds.get(seed) if isinstance(seed, int) else None
+            self._jobs[job.id] = job
+            self.submissions.append(Submission(app, payload, job.id, headers))
+        position = QUEUE_POSITIONS - 1 if job.queue_s > 0 else 0
+        return {"request_id": job.id, **self._urls(job), "status": "IN_QUEUE", "queue_position": position}
+
+    def _status(self, job: _Job, with_logs: bool) -> dict[str, Any]:
+        phase, fraction = job.phase()
+        answer: dict[str, Any] = {"request_id": job.id, "response_url": self._urls(job)["response_url"]}
+        if phase == "queue":
+            position = min(QUEUE_POSITIONS - 1, int(fraction * QUEUE_POSITIONS))
+            return {**answer, "status": "IN_QUEUE", "queue_position": position}
+        done_steps = job.steps if phase == "done" else int(fraction * job.steps)
+        logs = _step_logs(job, done_steps) if with_logs else None
+        if phase == "progress":
+            return {**answer, "status": "IN_PROGRESS", "logs": logs}
+        answer.update(status="COMPLETED", logs=logs, metrics={"inference_time": job.latency_s})
+        if job.cancelled:
+            answer.update(error="Request was cancelled", error_type="request_cancelled")
+        elif job.failure is not None:
+            answer.update(error=job.failure[0], error_type=job.failure[1])
+        return answer
+
+    def _result(self, job: _Job) -> dict[str, Any]:
+        if job.cancelled:
+            raise _Reply(400, {"detail": "Request was cancelled", "error_type": "request_cancelled"})
+        if job.failure is not None:
+            message, error_type, status = job.failure
+            raise _Reply(
+                status, {"detail": message, "error_type": error_type}, {"X-Fal-Error-Type": error_type}
+            )
+        if job.phase()[0] != "done":
+            raise _Reply(400, {"detail": "Request is still in progress"})
+        with job.lock:  # generated once, so every GET of the result sees the same files
+            if job.output is None:
+                job.output = self._generate(job)
+            return job.output
+
+    def _cancel(self, job: _Job) -> dict[str, Any]:
+        with self._lock:
+            self.cancellations.append(job.id)
+        if job.phase()[0] == "done":
+            raise _Reply(202, {"status": "ALREADY_COMPLETED"})
+        job.cancelled = True
+        raise _Reply(202, {"status": "CANCELLATION_REQUESTED"})
+
+    def _mark(self, fault: _Fault, path: str) -> None:
+        """Apply a job-level fault (completed_error, stuck_in_queue) to the job a status URL names."""
+        match = _REQUEST_PATH.match(path)
+        with self._lock:
+            job = self._jobs.get(match["id"]) if match else None
+        if job is None:
+            return
+        if fault.kind == "stuck_in_queue":
+            job.stuck = True
+            return
+        params = fault.params
+        message = params.get("message", "Internal error while generating the image")
+        job.error = (message, params.get("error_type", "generation_error"), int(params.get("status", 500)))
+
+    # ------------------------------------------------------------------ CDN token and uploads
+
+    def _token(self) -> dict[str, Any]:
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._tokens.add(token)
+        expires = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+        return {"token": token, "token_type": "Bearer", "base_url": self.base_url, "expires_at": expires}
+
+    def _upload(self, content_type: str, data: bytes) -> dict[str, str]:
+        with self._lock:
+            self.uploads.append((content_type, data))
+        return {"access_url": self._store_file(content_type, data, "upload")}
+
+    def _initiate_upload(self, body: bytes) -> dict[str, str]:
+        """fal-client's fallback when the CDN upload fails: a slot to PUT the bytes to."""
+        slot = uuid.uuid4().hex
+        with self._lock:
+            self._pending[slot] = str(
+                json.loads(body or b"{}").get("content_type", "application/octet-stream")
+            )
+        return {
+            "upload_url": f"{self.base_url}/files/upload/put/{slot}",
+            "file_url": f"{self.base_url}/files/upload-{slot}",
+        }
+
+    def _put_upload(self, slot: str, content_type: str | None, data: bytes) -> dict[str, str]:
+        with self._lock:
+            pending = self._pending.pop(slot, None)
+            if pending is None:
+                raise _Reply(404, {"detail": "Unknown upload slot"})
+            self._files[f"upload-{slot}"] = (content_type or pending, data)
+            self.uploads.append((content_type or pending, data))
+        return {}
+
+    # ------------------------------------------------------------------ outputs
 
     def _decode_input(self, url: str) -> Image.Image:
-        """The image behind an input URL; raises ValueError when it cannot be read."""
+        """The image behind an input URL; raises ValueError/OSError when it cannot be read."""
         if url.startswith("data:"):
-            _, _, encoded = url.partition(",")
-            image = Image.open(io.BytesIO(base64.b64decode(encoded, validate=True)))
+            data = base64.b64decode(url.partition(",")[2], validate=True)
         elif urlsplit(url).netloc in (self.host, f"localhost:{self.port}") and "/files/" in url:
-            _, data = self.file(url.rsplit("/files/", 1)[1])
-            image = Image.open(io.BytesIO(data))
+            data = self._file(url.rsplit("/files/", 1)[1])[1]
         else:  # never fetch external URLs: a placeholder derived from the URL stands in
             return _placeholder(url)
+        image = Image.open(io.BytesIO(data))
         image.load()
         return image
 
@@ -399,19 +403,19 @@ class FalEmulator:
         source = self._decode_input(payload["image_urls"][0]).convert("RGB")
         size = _requested_size(payload.get("image_size"), source.size)
         seed = payload["seed"] if isinstance(payload.get("seed"), int) else random.randint(0, 2**32 - 1)
-        fmt, content_type = FORMATS[payload.get("output_format", "png")]
+        extension = payload.get("output_format", "png")
+        fmt, content_type = FORMATS[extension]
         prompt = str(payload["prompt"])
         images = []
         for i in range(int(payload.get("num_images", 1))):
             data = _render(source, size, seed + i, prompt, fmt)
-            name = f"{job.id}_{i}.{payload.get('output_format', 'png')}"
             if payload.get("sync_mode"):
                 url = f"data:{content_type};base64,{base64.b64encode(data).decode()}"
             else:
                 url = self._store_file(content_type, data, f"out-{i}")
             images.append(
                 {"url": url, "width": size[0], "height": size[1], "content_type": content_type,
-                 "file_name": name, "file_size": len(data)}
+                 "file_name": f"{job.id}_{i}.{extension}", "file_size": len(data)}
             )  # fmt: skip
         return {
             "images": images,
@@ -425,28 +429,24 @@ class FalEmulator:
 # ------------------------------------------------------------------------------------- helpers
 
 
-def _validate(payload: Any, decode: Any) -> None:
+def _validate(payload: Any, decode: Callable[[str], Image.Image]) -> None:
     """fal-like light validation: 422 with ``detail[].loc`` naming each bad field."""
+    if not isinstance(payload, dict):
+        raise _Reply(
+            422, {"detail": [{"loc": ["body"], "msg": "Input should be an object", "type": "dict_type"}]}
+        )
     problems: list[dict[str, Any]] = []
 
     def bad(loc: list[Any], msg: str, kind: str) -> None:
         problems.append({"loc": ["body", *loc], "msg": msg, "type": kind})
 
-    if not isinstance(payload, dict):
-        raise _Reply(
-            422, {"detail": [{"loc": ["body"], "msg": "Input should be an object", "type": "dict_type"}]}
-        )
     if not isinstance(payload.get("prompt"), str) or not payload["prompt"]:
         bad(["prompt"], "Field required", "missing")
     urls = payload.get("image_urls")
     if not isinstance(urls, list) or not urls or not all(isinstance(u, str) for u in urls):
         bad(["image_urls"], "Field required: a list of 1 to 4 image URLs", "missing")
     elif len(urls) > 4:
-        bad(
-            ["image_urls"],
-            "List should have at most 4 items after validation, not " + str(len(urls)),
-            "too_long",
-        )
+        bad(["image_urls"], f"List should have at most 4 items after validation, not {len(urls)}", "too_long")
     else:
         for i, url in enumerate(urls):
             try:
@@ -478,15 +478,21 @@ def _requested_size(image_size: Any, default: tuple[int, int]) -> tuple[int, int
     raise ValueError(f"Input should be one of {', '.join(SIZE_PRESETS)} or {{width, height}}")
 
 
-def _tint(seed: int, prompt: str) -> tuple[int, int, int]:
-    digest = hashlib.sha256(f"{seed}|{prompt}".encode()).digest()
-    return digest[0], digest[1], digest[2]
+def _step_logs(job: _Job, done_steps: int) -> list[dict[str, Any]]:
+    """One log line when the model starts, then one per finished step, like a sampler's progress."""
+    started = datetime.now(UTC) - timedelta(seconds=time.monotonic() - job.created - job.queue_s)
+    step_s = job.latency_s / max(job.steps, 1)
+    lines = [("Loading input images", started)]
+    lines += [
+        (f"Step {k}/{job.steps}", started + timedelta(seconds=k * step_s)) for k in range(1, done_steps + 1)
+    ]
+    return [{"message": m, "level": "INFO", "source": "user", "timestamp": t.isoformat()} for m, t in lines]
 
 
 def _render(source: Image.Image, size: tuple[int, int], seed: int, prompt: str, fmt: str) -> bytes:
     """The input resized and blended with a colour chosen by (seed, prompt): deterministic, distinct."""
-    resized = source.resize(size, Image.Resampling.BILINEAR)
-    edited = Image.blend(resized, Image.new("RGB", size, _tint(seed, prompt)), 0.35)
+    tint = tuple(hashlib.sha256(f"{seed}|{prompt}".encode()).digest()[:3])
+    edited = Image.blend(source.resize(size, Image.Resampling.BILINEAR), Image.new("RGB", size, tint), 0.35)
     buffer = io.BytesIO()
     edited.save(buffer, format=fmt)
     return buffer.getvalue()
@@ -502,44 +508,40 @@ def _no_route(method: str, path: str) -> None:
     raise _Reply(404, {"detail": f"No route for {method} {path}"})
 
 
-def _json_bytes(body: Any) -> bytes:
-    return body if isinstance(body, bytes) else json.dumps(body).encode()
-
-
 class _TLSServer(ThreadingHTTPServer):
     """A threaded HTTP server doing the TLS handshake in each connection's own thread."""
 
     daemon_threads = True
     request_queue_size = 128
+    context: ssl.SSLContext
+    emulator: FalEmulator
 
-    def __init__(self, address: tuple[str, int], handler: type, context: ssl.SSLContext, emu: FalEmulator):
-        self.context = context
-        self.emulator = emu
-        self._connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(address, handler)
+    def server_bind(self) -> None:
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+        super().server_bind()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Handshake here (a worker thread), not in accept(): a slow client cannot block the others.
         request.settimeout(30)
         try:
             tls = self.context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError):
+        except OSError:  # ssl.SSLError included: a client that gave up or did not trust us
             return
-        with self._connections_lock:
-            self._connections.add(tls)
+        with self.connections_lock:
+            self.connections.add(tls)
         try:
             self.RequestHandlerClass(tls, client_address, self)
         except OSError:
             pass  # the client went away mid-answer
         finally:
-            with self._connections_lock:
-                self._connections.discard(tls)
+            with self.connections_lock:
+                self.connections.discard(tls)
             tls.close()
 
     def close_connections(self) -> None:
-        with self._connections_lock:
-            live = list(self._connections)
+        with self.connections_lock:
+            live = list(self.connections)
         for conn in live:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -557,125 +559,63 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the emulator records requests in ``emu.log`` instead."""
 
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
-
-    # dispatch ---------------------------------------------------------------------------------
-
-    def _dispatch(self, method: str) -> None:
+    def _dispatch(self) -> None:
         emu = self.server.emulator
-        parts = urlsplit(self.path)
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
-            self._send(method, 413, {"detail": "Request body too large"}, close=True)
+            self.close_connection = True
+            self._send(413, {"detail": "Request body too large"})
             return
         body = self.rfile.read(length) if length else b""
-        route, scheme, handler = self._route(method, parts.path, parse_qs(parts.query), body)
+        route, scheme, answer = self._route(body)
         # Faults act before authentication, like an overloaded ingress in front of fal would.
         fault = emu._take_fault(route) if route else None
-        if fault is not None and self._apply_fault(method, fault):
+        if fault is not None and self._apply_fault(fault):
             return
+        headers: dict[str, str] = {}
         try:
             self._check_auth(scheme)
-            status, answer, headers = 200, handler(), {}
-        except _Reply as reply:
-            status, answer, headers = reply.status, reply.body, reply.headers
-        if isinstance(answer, tuple):  # a file: (content type, bytes)
-            headers = {**headers, "Content-Type": answer[0]}
-            answer = answer[1]
-        self._send(method, status, answer, headers=headers)
+            status, reply = 200, answer()
+        except _Reply as early:
+            status, reply, headers = early.status, early.body, early.headers
+        except Exception as exc:  # an emulator bug: say so loudly instead of dropping the connection
+            traceback.print_exc()
+            status, reply = 500, {"detail": f"fal emulator error: {exc!r}"}
+        if isinstance(reply, tuple):  # a file: (content type, bytes)
+            headers, reply = {**headers, "Content-Type": reply[0]}, reply[1]
+        self._send(status, reply, headers)
 
-    def _route(
-        self, method: str, path: str, query: dict[str, list[str]], body: bytes
-    ) -> tuple[str | None, str, Any]:
+    do_GET = do_POST = do_PUT = _dispatch
+
+    def _route(self, body: bytes) -> tuple[str | None, str, Callable[[], Any]]:
         """(fault route, auth scheme wanted, callable producing the answer) for one request."""
-        emu = self.server.emulator
-        if method == "GET" and path.startswith("/files/"):
-            return "file", "", lambda: emu.file(path[len("/files/") :])
-        if method == "POST" and path == "/storage/auth/token":
-            return "token", "Key", emu.token
-        if method == "POST" and path == "/files/upload":
-            return "upload", "Bearer", lambda: self._upload(body)
-        # fal-client's fallback when the CDN upload fails: initiate with the key, then PUT the bytes.
-        if method == "POST" and path == "/storage/upload/initiate":
-            return "upload", "Key", lambda: emu.initiate_upload(json.loads(body or b"{}"))
+        emu, method, parts = self.server.emulator, self.command, urlsplit(self.path)
+        path, content_type = parts.path, self.headers.get("Content-Type")
         if method == "PUT" and path.startswith("/files/upload/put/"):
-            return None, "", lambda: self._put_upload(path.rsplit("/", 1)[1], body)
+            return None, "", lambda: emu._put_upload(path.rsplit("/", 1)[1], content_type, body)
+        if method == "GET" and path.startswith("/files/"):
+            return "file", "", lambda: emu._file(path.removeprefix("/files/"))
+        if method == "POST" and path == "/storage/auth/token":
+            return "token", "Key", emu._token
+        if method == "POST" and path == "/files/upload":
+            return "upload", "Bearer", lambda: emu._upload(content_type or "application/octet-stream", body)
+        if method == "POST" and path == "/storage/upload/initiate":
+            return "upload", "Key", lambda: emu._initiate_upload(body)
         match = _REQUEST_PATH.match(path)
-        if match and method in ("GET", "PUT"):
-            request_id, tail = match["id"], match["tail"] or ""
-            if method == "GET" and tail == "/status":
-                with_logs = query.get("logs", ["0"])[0].lower() in ("1", "true")
-                return "status", "Key", lambda: emu.status(emu._job(request_id), with_logs)
-            if method == "GET" and tail == "":
-                return "result", "Key", lambda: emu.result(emu._job(request_id))
-            if method == "PUT" and tail == "/cancel":
-                return "cancel", "Key", lambda: self._cancel(request_id)
+        if match and method == "GET" and match["tail"] == "/status":
+            with_logs = parse_qs(parts.query).get("logs", ["0"])[0].lower() in ("1", "true")
+            return "status", "Key", lambda: emu._status(emu._job(match["id"]), with_logs)
+        if match and method == "GET" and not match["tail"]:
+            return "result", "Key", lambda: emu._result(emu._job(match["id"]))
+        if match and method == "PUT" and match["tail"] == "/cancel":
+            return "cancel", "Key", lambda: emu._cancel(emu._job(match["id"]))
         if method == "POST" and path.count("/") >= 2:
-            return "submit", "Key", lambda: emu.submit(path, body, self._headers())
+            headers = {k.lower(): v for k, v in self.headers.items() if k.lower() != "authorization"}
+            return "submit", "Key", lambda: emu._submit(path, body, headers)
         return None, "", lambda: _no_route(method, path)
 
-    def _apply_fault(self, method: str, fault: _Fault) -> bool:
-        """Act out ``fault``; True when the request has been fully answered (or dropped)."""
-        emu, params = self.server.emulator, fault.params
-        if fault.kind == "http":
-            status = int(params.get("status", 500))
-            body = params.get("body") or {"detail": f"Injected HTTP {status}"}
-            raw = body.encode() if isinstance(body, str) else _json_bytes(body)
-            content_type = "text/html" if isinstance(body, str) else "application/json"
-            self._send(
-                method, status, raw, headers={"Content-Type": content_type, **params.get("headers", {})}
-            )
-        elif fault.kind == "reset":
-            self._reset(method)
-        elif fault.kind == "malformed":
-            self._send(method, 200, b'{"status": "COMPLETED", "images": [{"url": ')
-        elif fault.kind == "not_found":
-            self._send(method, 404, {"detail": "Not found"})
-        elif fault.kind == "huge":
-            self._send_huge(
-                method, int(params.get("size", 8 * 1024 * 1024)), params.get("declare_length", True)
-            )
-        elif fault.kind == "stall":
-            emu._stall(float(params.get("seconds", 1.0)))
-            return False
-        elif fault.kind in ("completed_error", "stuck_in_queue"):
-            self._mark_job(fault)
-            return False
-        return True
-
-    def _mark_job(self, fault: _Fault) -> None:
-        match = _REQUEST_PATH.match(urlsplit(self.path).path)
-        if match is None:
-            return
-        with self.server.emulator._lock:
-            job = self.server.emulator._jobs.get(match["id"])
-        if job is None:
-            return
-        if fault.kind == "stuck_in_queue":
-            job.stuck = True
-        else:
-            message = fault.params.get("message", "Internal error while generating the image")
-            job.error = (
-                message,
-                fault.params.get("error_type", "generation_error"),
-                int(fault.params.get("status", 500)),
-            )
-
-    # route bodies that need the request ----------------------------------------------------------
-
-    def _headers(self) -> dict[str, str]:
-        return {k.lower(): v for k, v in self.headers.items() if k.lower() != "authorization"}
-
     def _check_auth(self, scheme: str) -> None:
-        emu = self.server.emulator
-        given = self.headers.get("Authorization") or ""
+        emu, given = self.server.emulator, self.headers.get("Authorization") or ""
         if scheme == "Key" and given != f"Key {emu.key}":
             raise _Reply(401, {"detail": "Authentication is required: invalid or missing key"})
         if scheme == "Bearer":
@@ -685,44 +625,44 @@ class _Handler(BaseHTTPRequestHandler):
             if kind != "Bearer" or not known:
                 raise _Reply(401, {"detail": "Invalid CDN token"})
 
-    def _put_upload(self, slot: str, body: bytes) -> dict[str, str]:
-        emu = self.server.emulator
-        with emu._lock:
-            content_type = self.headers.get("Content-Type") or emu._pending.pop(slot, None)
-            if content_type is None:
-                raise _Reply(404, {"detail": "Unknown upload slot"})
-            emu._files[f"upload-{slot}"] = (content_type, body)
-            emu.uploads.append((content_type, body))
-        return {}
+    def _apply_fault(self, fault: _Fault) -> bool:
+        """Act out ``fault``; True when the request has been fully answered (or dropped)."""
+        emu, params = self.server.emulator, fault.params
+        if fault.kind == "http":
+            status, body = int(params.get("status", 500)), params.get("body")
+            body = body if body is not None else {"detail": f"Injected HTTP {status}"}
+            content_type = "text/html" if isinstance(body, str) else "application/json"
+            raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            self._send(status, raw, {"Content-Type": content_type, **params.get("headers", {})})
+        elif fault.kind == "reset":
+            self._reset()
+        elif fault.kind == "malformed":
+            self._send(200, b'{"status": "COMPLETED", "images": [{"url": ')
+        elif fault.kind == "not_found":
+            self._send(404, {"detail": "Not found"})
+        elif fault.kind == "huge":
+            self._send_huge(int(params.get("size", 8 * 2**20)), bool(params.get("declare_length", True)))
+        elif fault.kind == "stall":  # then answer normally; close() wakes it early
+            emu._closing.wait(min(max(float(params.get("seconds", 1.0)), 0.0), MAX_STALL_S))
+            return False
+        else:  # completed_error, stuck_in_queue: change the job, then answer normally
+            emu._mark(fault, urlsplit(self.path).path)
+            return False
+        return True
 
-    def _upload(self, body: bytes) -> dict[str, str]:
-        content_type = self.headers.get("Content-Type", "application/octet-stream")
-        return {"access_url": self.server.emulator.store_upload(content_type, body)}
-
-    def _cancel(self, request_id: str) -> Any:
-        emu = self.server.emulator
-        answer = emu.cancel(emu._job(request_id))
-        raise _Reply(202, answer)
-
-    # writing ------------------------------------------------------------------------------------
-
-    def _send(
-        self, method: str, status: int, body: Any, headers: dict[str, str] | None = None, close: bool = False
-    ) -> None:
-        raw = _json_bytes(body)
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        headers = {"Content-Type": "application/json", **(headers or {})}
-        for name, value in headers.items():
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(raw)))
-        if close:
+        if self.close_connection:
             self.send_header("Connection", "close")
-            self.close_connection = True
         self.end_headers()
         self.wfile.write(raw)
-        self.server.emulator._record(method, self.path, status)
+        self.server.emulator._record(self.command, self.path, status)
 
-    def _send_huge(self, method: str, size: int, declare_length: bool) -> None:
+    def _send_huge(self, size: int, declare_length: bool) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         if declare_length:
@@ -731,20 +671,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.server.emulator._record(method, self.path, 200)
-        chunk = b"\x89PNG" + bytes(64 * 1024 - 4)
-        sent = 0
+        self.server.emulator._record(self.command, self.path, 200)
+        chunk, sent = b"\x89PNG" + bytes(64 * 1024 - 4), 0
         try:
             while sent < size and not self.server.emulator._closing.is_set():
-                piece = chunk[: size - sent]
-                self.wfile.write(piece)
-                sent += len(piece)
+                self.wfile.write(chunk[: size - sent])
+                sent += min(len(chunk), size - sent)
         except OSError:
-            self.close_connection = True
+            self.close_connection = True  # the client stopped reading: that is the point
 
-    def _reset(self, method: str) -> None:
+    def _reset(self) -> None:
         """Drop the connection without an answer: SO_LINGER 0 makes close() send a TCP RST."""
-        self.server.emulator._record(method, self.path, 0)
+        self.server.emulator._record(self.command, self.path, 0)
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
         self.connection.close()

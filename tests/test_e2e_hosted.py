@@ -41,7 +41,7 @@ async def test_tools_list_advertises_every_endpoint_field_and_output_schemas(
 ) -> None:
     async with stdio_client(_env(tmp_path, emulator)) as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
-    assert set(tools) == {"edit_image", "compare_seeds", "list_presets"}
+    assert set(tools) == {"edit_image", "compare_seeds", "list_presets", "get_result", "cancel_job"}
     edit = tools["edit_image"]
     props = edit.input_schema["properties"]
     assert props["guidance_scale"]["maximum"] == 20 and props["guidance_scale"]["default"] == 5

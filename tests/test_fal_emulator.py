@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -43,6 +45,21 @@ def emu(shared_emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch) -> FalEmu
     return shared_emulator
 
 
+@pytest.fixture
+async def fal(emu: FalEmulator) -> AsyncIterator[Callable[..., fal_client.AsyncClient]]:
+    """Real fal-client instances (default: the emulator's key), closed afterwards."""
+    made: list[fal_client.AsyncClient] = []
+
+    def make(key: str | None = None) -> fal_client.AsyncClient:
+        made.append(fal_client.AsyncClient(key=key or emu.key))
+        return made[-1]
+
+    yield make
+    for client in made:  # fal-client has no close(): its lazily made httpx client is in the instance dict
+        if "_client" in vars(client):
+            await (await client._client).aclose()
+
+
 def png(size: tuple[int, int] = (32, 24), color: tuple[int, int, int] = (0, 120, 240)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
@@ -63,9 +80,11 @@ async def fetch(url: str) -> httpx.Response:
 
 
 @pytest.mark.anyio
-async def test_submit_status_logs_and_result_with_the_real_client(emu: FalEmulator) -> None:
+async def test_submit_status_logs_and_result_with_the_real_client(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
     emu.queue_s, emu.latency_s = 0.3, 0.3
-    client = fal_client.AsyncClient(key=emu.key)
+    client = fal()
     handle = await client.submit(
         APP, payload(seed=5, num_images=2, num_inference_steps=4, image_size="square")
     )
@@ -94,8 +113,10 @@ async def test_submit_status_logs_and_result_with_the_real_client(emu: FalEmulat
 
 
 @pytest.mark.anyio
-async def test_outputs_depend_on_seed_prompt_and_format(emu: FalEmulator) -> None:
-    client = fal_client.AsyncClient(key=emu.key)
+async def test_outputs_depend_on_seed_prompt_and_format(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
+    client = fal()
 
     async def run(**extra: Any) -> dict[str, Any]:
         return await (await client.submit(APP, payload(sync_mode=True, **extra))).get()
@@ -111,8 +132,10 @@ async def test_outputs_depend_on_seed_prompt_and_format(emu: FalEmulator) -> Non
 
 
 @pytest.mark.anyio
-async def test_upload_then_use_the_file_as_input(emu: FalEmulator) -> None:
-    client = fal_client.AsyncClient(key=emu.key)
+async def test_upload_then_use_the_file_as_input(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
+    client = fal()
     url = await client.upload(png(color=(250, 0, 0)), "image/png")
     assert emu.uploads == [("image/png", png(color=(250, 0, 0)))]
     downloaded = await fetch(url)
@@ -122,9 +145,11 @@ async def test_upload_then_use_the_file_as_input(emu: FalEmulator) -> None:
 
 
 @pytest.mark.anyio
-async def test_a_failing_cdn_upload_falls_back_to_storage_like_fal(emu: FalEmulator) -> None:
+async def test_a_failing_cdn_upload_falls_back_to_storage_like_fal(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
     emu.add_fault("upload", "http", status=500)
-    url = await fal_client.AsyncClient(key=emu.key).upload(b"\x89PNG fake", "image/png")
+    url = await fal().upload(b"\x89PNG fake", "image/png")
     assert (await fetch(url)).content == b"\x89PNG fake"
     uploads = [(method, status) for method, path, status in emu.log if "upload" in path and method != "GET"]
     assert uploads == [("POST", 500), ("POST", 200), ("PUT", 200)]
@@ -132,9 +157,11 @@ async def test_a_failing_cdn_upload_falls_back_to_storage_like_fal(emu: FalEmula
 
 
 @pytest.mark.anyio
-async def test_cancel_stops_a_running_request(emu: FalEmulator) -> None:
+async def test_cancel_stops_a_running_request(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
     emu.latency_s = 5.0
-    handle = await fal_client.AsyncClient(key=emu.key).submit(APP, payload(seed=1))
+    handle = await fal().submit(APP, payload(seed=1))
     await handle.cancel()
     status = await handle.status()
     assert isinstance(status, fal_client.Completed) and status.error_type == "request_cancelled"
@@ -144,11 +171,13 @@ async def test_cancel_stops_a_running_request(emu: FalEmulator) -> None:
 
 
 @pytest.mark.anyio
-async def test_wrong_key_and_bad_payloads_are_rejected_like_fal(emu: FalEmulator) -> None:
+async def test_wrong_key_and_bad_payloads_are_rejected_like_fal(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
     with pytest.raises(fal_client.FalClientHTTPError) as caught:
-        await fal_client.AsyncClient(key="nope:nope").submit(APP, payload())
+        await fal("nope:nope").submit(APP, payload())
     assert caught.value.status_code == 401
-    client = fal_client.AsyncClient(key=emu.key)
+    client = fal()
     with pytest.raises(fal_client.FalClientHTTPError) as caught:
         await client.submit(APP, {"image_urls": [data_uri(png())] * 5})
     assert caught.value.status_code == 422
@@ -158,9 +187,11 @@ async def test_wrong_key_and_bad_payloads_are_rejected_like_fal(emu: FalEmulator
 
 
 @pytest.mark.anyio
-async def test_fail_seed_completes_with_an_error_and_the_result_answers_it(emu: FalEmulator) -> None:
+async def test_fail_seed_completes_with_an_error_and_the_result_answers_it(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
     emu.fail_seed(13, "out of memory", error_type="runner_oom")
-    client = fal_client.AsyncClient(key=emu.key)
+    client = fal()
     handle = await client.submit(APP, payload(seed=13))
     status = await handle.status(with_logs=True)
     assert isinstance(status, fal_client.Completed)
@@ -172,8 +203,10 @@ async def test_fail_seed_completes_with_an_error_and_the_result_answers_it(emu: 
 
 
 @pytest.mark.anyio
-async def test_http_reset_malformed_and_stall_faults_fire(emu: FalEmulator) -> None:
-    client = fal_client.AsyncClient(key=emu.key)
+async def test_http_reset_malformed_and_stall_faults_fire(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
+    client = fal()
     emu.add_fault("submit", "http", status=503, body={"detail": "busy"})
     with pytest.raises(fal_client.FalClientHTTPError) as caught:
         await client.submit(APP, payload())
@@ -194,8 +227,10 @@ async def test_http_reset_malformed_and_stall_faults_fire(emu: FalEmulator) -> N
 
 
 @pytest.mark.anyio
-async def test_status_faults_and_file_faults(emu: FalEmulator) -> None:
-    client = fal_client.AsyncClient(key=emu.key)
+async def test_status_faults_and_file_faults(
+    emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]
+) -> None:
+    client = fal()
     emu.add_fault("status", "stuck_in_queue")
     stuck = await client.submit(APP, payload(seed=1))
     await anyio.sleep(0.1)
@@ -216,12 +251,12 @@ async def test_status_faults_and_file_faults(emu: FalEmulator) -> None:
 
 
 @pytest.mark.anyio
-async def test_many_concurrent_clients(emu: FalEmulator) -> None:
+async def test_many_concurrent_clients(emu: FalEmulator, fal: Callable[..., fal_client.AsyncClient]) -> None:
     emu.latency_s = 0.2
     results: list[int] = []
 
     async def one(seed: int) -> None:
-        client = fal_client.AsyncClient(key=emu.key)  # its own connections
+        client = fal()  # its own connections
         handle = await client.submit(APP, payload(seed=seed))
         results.append((await handle.get(interval=0.05))["seed"])
 
@@ -231,12 +266,20 @@ async def test_many_concurrent_clients(emu: FalEmulator) -> None:
     assert sorted(results) == list(range(40))
 
 
-def test_env_points_a_subprocess_at_the_emulator(shared_emulator: FalEmulator) -> None:
-    env = shared_emulator.env()
-    assert env["FAL_RUN_HOST"] == env["FAL_QUEUE_RUN_HOST"] == shared_emulator.host
-    assert env["FLUX_MCP_FAL_REST_URL"] == env["FLUX_MCP_FAL_CDN_URL"] == shared_emulator.base_url
-    assert env["FAL_KEY"] == shared_emulator.key
-    assert Path(env["SSL_CERT_FILE"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
+def test_env_lets_an_unpatched_subprocess_reach_the_emulator(emu: FalEmulator) -> None:
+    env = emu.env()
+    assert env["FLUX_MCP_FAL_REST_URL"] == env["FLUX_MCP_FAL_CDN_URL"] == emu.base_url
+    code = (
+        "import fal_client;"
+        f"h = fal_client.submit({APP!r}, {{'prompt': 'p', 'image_urls': ['https://example.com/a.png'], 'seed': 4}});"
+        "print(h.get()['seed'])"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "SSL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "4", done.stderr
+    assert emu.submissions[0].payload["seed"] == 4
 
 
 def test_close_is_quick_even_with_a_stalled_request() -> None:

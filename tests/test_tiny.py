@@ -18,6 +18,7 @@ from diffusers import Flux2KleinPipeline
 
 from flux_mcp.backends.tiny import (
     LORA_FORMATS,
+    LoraFormat,
     build_tiny_pipeline,
     make_example_image,
     make_lora_state_dict,
@@ -25,13 +26,17 @@ from flux_mcp.backends.tiny import (
     save_tiny_model,
 )
 
-pytestmark = pytest.mark.local
+pytestmark = [
+    pytest.mark.local,
+    # peft's note on the second adapter of a model; several adapters per pipeline is what we want.
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
+]
 
 PROMPT = "make the house blue"
 
 
 def latents(pipe: Flux2KleinPipeline, seed: int = 1, **kwargs: object) -> torch.Tensor:
-    """64×64, 2 steps, CFG at the default guidance 4.0, packed latents out (compared bit for bit)."""
+    """64×64, 2 steps, CFG at the default guidance 4.0; latents, not 8-bit pixels, are compared."""
     return pipe(
         prompt=PROMPT,
         height=64,
@@ -137,7 +142,10 @@ def test_runs_64px_two_steps(pipe: Flux2KleinPipeline, base_latents: torch.Tenso
 def test_tokenizer_speaks_the_qwen3_chat_format(pipe: Flux2KleinPipeline) -> None:
     tokenizer = pipe.tokenizer
     text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "héllo"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+        [{"role": "user", "content": "héllo"}],
+        tokenize=False,
+        add_generation_prompt=True,
+        enable_thinking=False,
     )
     assert text == "<|im_start|>user\nhéllo<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     ids = tokenizer(text)["input_ids"]
@@ -172,6 +180,7 @@ def test_batched_generators_equal_single_runs(pipe: Flux2KleinPipeline) -> None:
 
 
 # -- saving and loading ----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,7 +259,11 @@ def test_lora_state_dicts_have_the_documented_keys(pipe: Flux2KleinPipeline) -> 
 
 @pytest.mark.parametrize("fmt", LORA_FORMATS)
 def test_each_lora_format_loads_from_a_file_with_the_right_effect(
-    fmt: str, pipe: Flux2KleinPipeline, tmp_path: Path, base_latents: torch.Tensor, merged_lora_latents: torch.Tensor
+    fmt: LoraFormat,
+    pipe: Flux2KleinPipeline,
+    tmp_path: Path,
+    base_latents: torch.Tensor,
+    merged_lora_latents: torch.Tensor,
 ) -> None:
     path = save_lora(tmp_path / f"{fmt}.safetensors", make_lora_state_dict(pipe.transformer, fmt))
     pipe.load_lora_weights(str(path), adapter_name=f"edit-{fmt}")
@@ -269,6 +282,38 @@ def test_adapter_weight_zero_equals_no_lora(pipe: Flux2KleinPipeline, base_laten
     assert (latents(pipe) - base_latents).abs().max() > 0.05
     pipe.disable_lora()
     torch.testing.assert_close(latents(pipe), base_latents, atol=1e-6, rtol=0)
+
+
+def test_two_adapters_combine_by_their_weights(
+    pipe: Flux2KleinPipeline, merged_lora_latents: torch.Tensor
+) -> None:
+    """The same update loaded twice (two formats) at 0.5 each is the update once at 1.0."""
+    pipe.load_lora_weights(make_lora_state_dict(pipe.transformer, "peft"), adapter_name="half-1")
+    pipe.load_lora_weights(make_lora_state_dict(pipe.transformer, "kohya"), adapter_name="half-2")
+    assert pipe.get_active_adapters() == ["half-2"]  # loading activates only the newest adapter
+    pipe.set_adapters(["half-1", "half-2"], adapter_weights=[0.5, 0.5])
+    torch.testing.assert_close(latents(pipe), merged_lora_latents, atol=1e-4, rtol=0)
+
+
+def test_lora_for_another_model_size_raises_and_deactivates_adapters(pipe: Flux2KleinPipeline) -> None:
+    """A shape mismatch raises RuntimeError (not ValueError); peft then drops the failed adapter but
+    leaves only one of the earlier adapters active, so set_adapters must be called again."""
+    pipe.load_lora_weights(make_lora_state_dict(pipe.transformer, "bfl", seed=1), adapter_name="a")
+    pipe.load_lora_weights(make_lora_state_dict(pipe.transformer, "bfl", seed=2), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0])
+    wrong_width = {
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 99),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(32, 4),
+    }
+    with (
+        pytest.raises(RuntimeError, match="size mismatch"),
+        pytest.warns(UserWarning, match="Setting active adapter to a"),
+    ):
+        pipe.load_lora_weights(wrong_width, adapter_name="c")
+    assert pipe.get_list_adapters() == {"transformer": ["a", "b"]}
+    assert pipe.get_active_adapters() == ["a"]
+    with pytest.raises(ValueError, match="already in use"):
+        pipe.load_lora_weights(make_lora_state_dict(pipe.transformer, "bfl"), adapter_name="a")
 
 
 def _pair(module: str, down: str = "lora_A", up: str = "lora_B") -> dict[str, torch.Tensor]:
@@ -314,6 +359,7 @@ def test_keys_naming_unknown_modules_raise(case: str, message: str, pipe: Flux2K
     with pytest.raises(ValueError, match=message):
         pipe.load_lora_weights(UNMATCHED[case], adapter_name="bad")
     assert pipe.get_list_adapters() == {"transformer": ["good"]}
+    assert pipe.get_active_adapters() == ["good"]
 
 
 def test_bfl_file_with_alpha_keys_raises(pipe: Flux2KleinPipeline) -> None:
@@ -324,16 +370,29 @@ def test_bfl_file_with_alpha_keys_raises(pipe: Flux2KleinPipeline) -> None:
     assert pipe.get_list_adapters() == {}
 
 
+@pytest.mark.parametrize(
+    ("fmt", "extra", "warning"),
+    [
+        (
+            "kohya",
+            _pair("lora_unet_no_such_block", "lora_down", "lora_up"),
+            "Unsupported keys for Kohya Flux2",
+        ),
+        ("diffusers", _pair("transformer.no_such_module"), "unexpected keys found in the model"),
+    ],
+)
 def test_unknown_keys_beside_known_ones_load_partially_with_a_warning(
-    pipe: Flux2KleinPipeline, merged_lora_latents: torch.Tensor, diffusers_warnings: list[str]
+    fmt: LoraFormat,
+    extra: dict[str, torch.Tensor],
+    warning: str,
+    pipe: Flux2KleinPipeline,
+    merged_lora_latents: torch.Tensor,
+    diffusers_warnings: list[str],
 ) -> None:
-    state_dict = make_lora_state_dict(pipe.transformer, "kohya") | {
-        "lora_unet_no_such_block.lora_down.weight": torch.ones(4, 16),
-        "lora_unet_no_such_block.lora_up.weight": torch.ones(32, 4),
-    }
-    pipe.load_lora_weights(state_dict, adapter_name="partial")
+    """Unlike a file where nothing matches, the known part loads in full and the rest is dropped."""
+    pipe.load_lora_weights(make_lora_state_dict(pipe.transformer, fmt) | extra, adapter_name="partial")
     assert pipe.get_list_adapters() == {"transformer": ["partial"]}
-    assert any("Unsupported keys for Kohya Flux2 LoRA conversion" in m for m in diffusers_warnings)
+    assert any(warning in m for m in diffusers_warnings)
     torch.testing.assert_close(latents(pipe), merged_lora_latents, atol=1e-4, rtol=0)
 
 

@@ -9,6 +9,8 @@ hosted path never imports torch.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,9 +26,11 @@ __all__ = [
     "GeneratedImage",
     "InputImage",
     "Progress",
+    "RunHooks",
     "SeedOutcome",
     "create_backend",
     "local_available",
+    "run_hooks",
 ]
 
 
@@ -79,6 +83,23 @@ class BackendResult:
 
 #: One entry of ``Backend.edit_seeds``: the result for that seed, or why it failed.
 SeedOutcome = BackendResult | FluxMCPError
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a job runner wants to hear from a backend while a run goes on (see ``run_hooks``).
+
+    ``submitted(request_id, seed)`` is awaited once per remote job right after it was accepted, so a
+    restarted server can resume it; ``detached()`` is true while the server shuts down, when remote
+    jobs must be left running (to be resumed) rather than cancelled.
+    """
+
+    submitted: Callable[[str, int | None], Awaitable[None]] | None = None
+    detached: Callable[[], bool] = field(default=lambda: False)
+
+
+#: Set by the job runner for the task that runs a call; backends read it, nobody else writes it.
+run_hooks: ContextVar[RunHooks] = ContextVar("flux_mcp_run_hooks", default=RunHooks())  # noqa: B039
 
 
 class Progress(Protocol):

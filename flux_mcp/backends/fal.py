@@ -42,7 +42,7 @@ from ..errors import (
     JobFailed,
 )
 from ..schema import ENDPOINT_ID, EditRequest, EditResult, ImageFile
-from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
+from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome, run_hooks
 
 __all__ = ["FalBackend"]
 
@@ -55,6 +55,8 @@ ATTEMPTS = 4
 BACKOFF_S = 0.25
 MAX_RETRY_AFTER_S = 5.0
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
+#: What fal-client already retries (10 times, up to ~30 s) inside its own calls: not again on top.
+FAL_CLIENT_RETRIES = frozenset({408, 409, 429})
 CANCEL_TIMEOUT_S = 5.0
 RESULT_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
 MAX_DETAIL_CHARS = 500
@@ -114,7 +116,7 @@ class FalBackend:
         image_urls = await self._input_urls(inputs)
         upload_s = time.monotonic() - started
         tracker = _ProgressTracker(progress, runs=1, unit=request.num_inference_steps)
-        result = await self._run(request, image_urls, lambda f, m: tracker.report(0, f, m))
+        result = await self._run(request, partial(tracker.report, 0), image_urls=image_urls)
         result.timings["upload_s"] = round(upload_s, 3)
         result.timings["total_s"] = round(time.monotonic() - started, 3)
         return result
@@ -134,7 +136,7 @@ class FalBackend:
                 await tracker.report(index, fraction, f"seed {seed}: {message}")
 
             try:
-                outcomes[index] = await self._run(single, image_urls, report)
+                outcomes[index] = await self._run(single, report, image_urls=image_urls)
             except FluxMCPError as exc:
                 outcomes[index] = exc
                 await tracker.report(index, 1.0, f"seed {seed} failed")
@@ -144,38 +146,65 @@ class FalBackend:
                 group.start_soon(one, index, seed)
         return [outcome for outcome in outcomes if outcome is not None]
 
+    async def collect(self, request_id: str, request: EditRequest, progress: Progress) -> BackendResult:
+        """Finish a job fal already accepted (``request`` is what was sent), e.g. after a restart."""
+        self._require_key()
+        tracker = _ProgressTracker(progress, runs=1, unit=request.num_inference_steps)
+        return await self._run(request, partial(tracker.report, 0), request_id=request_id)
+
     # ------------------------------------------------------------------------------ one fal job
 
-    async def _run(self, request: EditRequest, image_urls: list[str], report: _Report) -> BackendResult:
-        """Submit, wait, fetch and download one job; cancelled on fal unless it finished."""
-        arguments = {**request.payload(), "image_urls": image_urls}
+    async def _run(
+        self,
+        request: EditRequest,
+        report: _Report,
+        *,
+        image_urls: list[str] | None = None,
+        request_id: str = "",
+    ) -> BackendResult:
+        """Submit (or, given ``request_id``, pick up) one job, wait, fetch and download it.
+
+        Unless it finished, the job is cancelled on fal when this fails, times out or is cancelled,
+        except while the job runner is detaching (server shutdown): then it is left to be resumed.
+        """
+        hooks = run_hooks.get()
         async with self._slots:
             started = time.monotonic()
             handle: fal_client.AsyncRequestHandle | None = None
             finished = False
             try:
                 with anyio.fail_after(self._settings.job_timeout_s):
-                    handle = await self._retrying("submit", lambda: self._fal.submit(ENDPOINT_ID, arguments))
+                    if request_id:
+                        handle = await self._fal.get_handle(ENDPOINT_ID, request_id)
+                    else:
+                        arguments = {**request.payload(), "image_urls": image_urls}
+                        handle = await self._retrying(
+                            "submit", lambda: self._fal.submit(ENDPOINT_ID, arguments)
+                        )
+                        if hooks.submitted is not None:
+                            await hooks.submitted(handle.request_id, request.seed)
                     completed, queue_s = await self._poll(handle, report)
                     finished = True  # fal holds nothing more for us: no cancel from here on
                     if completed.error:
                         raise JobFailed(
                             f"fal ran the job and it failed ({completed.error_type or 'error'}): "
-                            f"{self._scrub(completed.error)}"
+                            f"{self._scrub(completed.error)}. Try again; if it keeps failing, change the "
+                            "inputs or parameters."
                         )
-                    output = await self._retrying("result", lambda: self._fetch_result(handle))
+                    output = await self._retrying("result", lambda: self._fetch_result(handle), own=True)
+                    if not output.images:
+                        raise JobFailed("fal finished the job but returned no images. Try again.")
             except TimeoutError:
                 raise BackendTimeout(
                     f"The fal job did not finish within {self._settings.job_timeout_s:g} s and was cancelled. "
                     "Try again later, or raise FLUX_MCP_JOB_TIMEOUT_S."
                 ) from None
             finally:
-                if handle is not None and not finished:
+                if handle is not None and not finished and not hooks.detached():
                     await self._cancel_remote(handle)
             fetched = time.monotonic()
             await report(1.0, f"finished; downloading {len(output.images)} image(s)")
             images = await self._download_all(output)
-        assert handle is not None
         return BackendResult(
             images=images,
             seed=output.seed,
@@ -197,11 +226,13 @@ class FalBackend:
         """
         submitted = time.monotonic()
         queue_s: float | None = None
-        logs_seen = -1
+        logs_seen, position = -1, -1
         while True:
             status = await self._retrying("status", lambda: handle.status(with_logs=True))
             if isinstance(status, fal_client.Queued):
-                await report(None, f"queued at position {status.position}")
+                if status.position != position:  # report changes only, not every poll
+                    position = status.position
+                    await report(None, f"queued at position {position}")
             elif queue_s is None:
                 queue_s = time.monotonic() - submitted
             if isinstance(status, fal_client.InProgress):
@@ -299,7 +330,8 @@ class FalBackend:
                 ) from None
             except (httpx.RequestError, _RetryableStatus) as exc:
                 if attempt == ATTEMPTS:
-                    raise BackendError(f"{which} could not be downloaded from {url}: {exc}.") from None
+                    reason = str(exc) or type(exc).__name__
+                    raise BackendError(f"{which} could not be downloaded from {url}: {reason}.") from None
                 await anyio.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
 
@@ -330,23 +362,28 @@ class FalBackend:
                 "or use FLUX_MCP_BACKEND=local on a machine with a CUDA GPU."
             )
 
-    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """``call()`` with bounded retries on overload and transport errors; errors mapped to ours."""
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[Any]], own: bool = False) -> Any:
+        """``call()`` with bounded retries on overload and transport errors; errors mapped to ours.
+
+        ``own``: the call is our own request, not a fal-client call that already retried
+        429s and transport errors by itself (those are then not retried again on top).
+        """
+        retry_statuses = RETRY_STATUSES if own else RETRY_STATUSES - FAL_CLIENT_RETRIES
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 return await call()
             except (fal_client.FalClientHTTPError, httpx.HTTPStatusError) as exc:
                 response = exc.response
-                if response.status_code in RETRY_STATUSES and attempt < ATTEMPTS:
+                if response.status_code in retry_statuses and attempt < ATTEMPTS:
                     await anyio.sleep(_backoff(attempt, response.headers.get("retry-after")))
                     continue
                 raise self._http_error(what, response) from None
             except httpx.RequestError as exc:
-                if attempt < ATTEMPTS:
+                if own and attempt < ATTEMPTS:
                     await anyio.sleep(_backoff(attempt))
                     continue
                 raise BackendUnavailable(
-                    f"Could not reach fal for the {what} request ({type(exc).__name__}) after {ATTEMPTS} "
+                    f"Could not reach fal for the {what} request ({type(exc).__name__}) after several "
                     "attempts. Check the network connection and try again."
                 ) from None
             except (ValueError, KeyError, TypeError) as exc:  # JSON that is not what the protocol says
@@ -373,7 +410,7 @@ class FalBackend:
             )
         if code in RETRY_STATUSES:
             return BackendUnavailable(
-                f"fal is overloaded or unavailable (HTTP {code} to the {what} request, {ATTEMPTS} attempts). "
+                f"fal is overloaded or unavailable (HTTP {code} to the {what} request, after retries). "
                 "Try again in a minute."
             )
         if code == 422:

@@ -17,8 +17,8 @@ Shapes that must agree (see ``reference/diffusers-klein.md``):
 LoRA key formats (all four are converted by ``Flux2KleinPipeline.load_lora_weights``):
 
 - ``diffusers``: ``transformer.transformer_blocks.0.attn.to_q.lora_A.weight`` (fused qkv split in three);
-- ``peft`` (fal's trainer output): ``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``;
-  diffusers rewrites ``base_model.model.`` to ``diffusion_model.`` and converts it as BFL;
+- ``peft`` (PEFT / fal): ``base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight``, i.e. BFL
+  module names: diffusers rewrites ``base_model.model.`` to ``diffusion_model.`` and converts it as BFL;
 - ``bfl`` (BFL / ai-toolkit): ``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``,
   no ``.alpha`` keys (diffusers raises ValueError on them);
 - ``kohya``: ``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` / ``lora_up.weight`` +
@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -213,8 +214,8 @@ def build_tiny_pipeline(seed: int = 0) -> Flux2KleinPipeline:
 def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline in ``save_pretrained`` layout and return the directory.
 
-    ``Flux2KleinPipeline.from_pretrained(directory)`` then loads it offline and reproduces
-    ``build_tiny_pipeline(seed)`` exactly. A directory that already holds the complete tiny model
+    ``Flux2KleinPipeline.from_pretrained(directory)`` then loads it offline with the weights of
+    ``build_tiny_pipeline(seed)`` bit for bit (its latents agree to float32 rounding). A directory that already holds the complete tiny model
     of this seed is kept as it is. The model is written into a temporary sibling and renamed into
     place, so a reader never sees half a model. Raises ``FileExistsError`` if the directory holds
     anything else (another seed, another model, other files): it is never overwritten.
@@ -232,7 +233,7 @@ def save_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         (staging / _MARKER).write_text(json.dumps({"seed": seed}) + "\n", encoding="utf-8")
         staging.chmod(0o755)  # mkdtemp makes it private; the model is an ordinary directory
         if target.exists():
-            target.rmdir()  # empty (checked above); os.replace cannot replace a directory
+            target.rmdir()  # empty (checked above); renaming onto a directory is not portable
         os.replace(staging, target)
     except OSError:
         # Another process may have put the same model in place between our check and the rename.
@@ -272,14 +273,14 @@ _SINGLE_BLOCK_MODULES = {
 }
 
 
+@dataclass(frozen=True)
 class _LowRank:
     """One BFL-named LoRA module: ``delta W = up @ down``, and the diffusers modules it covers."""
 
-    def __init__(self, bfl_name: str, targets: list[tuple[str, int]], down: torch.Tensor, up: torch.Tensor):
-        self.bfl_name = bfl_name
-        self.targets = targets  # (diffusers module path, out_features), in fused order
-        self.down = down  # (rank, in_features), PEFT's lora_A
-        self.up = up  # (sum of out_features, rank), PEFT's lora_B
+    bfl_name: str
+    targets: list[tuple[str, int]]  # (diffusers module path, out_features), in fused order
+    down: torch.Tensor  # (rank, in_features): PEFT's lora_A, kohya's lora_down
+    up: torch.Tensor  # (sum of out_features, rank): PEFT's lora_B, kohya's lora_up
 
 
 def _low_rank_updates(
@@ -297,7 +298,9 @@ def _low_rank_updates(
             for bfl_module, diffusers_modules in modules.items():
                 paths = [f"{diffusers_prefix}.{index}.{name}" for name in diffusers_modules]
                 # A module that already carries a LoRA is wrapped by peft; its shape is the base layer's.
-                layers = [getattr(layer, "base_layer", layer) for layer in map(transformer.get_submodule, paths)]
+                layers = [
+                    getattr(layer, "base_layer", layer) for layer in map(transformer.get_submodule, paths)
+                ]
                 in_features = layers[0].in_features
                 out_features = [layer.out_features for layer in layers]
                 # Scaled so that B @ A is about as large as the layer's own weights at strength 1:
@@ -305,7 +308,12 @@ def _low_rank_updates(
                 down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
                 up = torch.randn(sum(out_features), rank, generator=generator) * (strength / rank**0.5)
                 updates.append(
-                    _LowRank(f"{bfl_prefix}.{index}.{bfl_module}", list(zip(paths, out_features)), down, up)
+                    _LowRank(
+                        f"{bfl_prefix}.{index}.{bfl_module}",
+                        list(zip(paths, out_features, strict=True)),
+                        down,
+                        up,
+                    )
                 )
     return updates
 
@@ -333,7 +341,7 @@ def make_lora_state_dict(
         if fmt == "diffusers":
             # A fused BFL qkv becomes three modules that share A and split B by rows.
             ups = torch.split(update.up, [out for _, out in update.targets])
-            for (path, _), up in zip(update.targets, ups):
+            for (path, _), up in zip(update.targets, ups, strict=True):
                 state_dict[f"transformer.{path}.lora_A.weight"] = update.down.clone()
                 state_dict[f"transformer.{path}.lora_B.weight"] = up.clone()
         elif fmt == "kohya":
@@ -375,7 +383,8 @@ def make_example_image(width: int = 256, height: int = 256) -> Image.Image:
     top, bottom = (40, 90, 200), (250, 190, 120)
     for y in range(height):
         t = y / max(height - 1, 1)
-        draw.line([(0, y), (width, y)], fill=tuple(round(a + (b - a) * t) for a, b in zip(top, bottom)))
+        colour = tuple(round(a + (b - a) * t) for a, b in zip(top, bottom, strict=True))
+        draw.line([(0, y), (width, y)], fill=colour)
 
     def box(x0: float, y0: float, x1: float, y1: float) -> tuple[int, int, int, int]:
         return round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)

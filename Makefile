@@ -1,0 +1,43 @@
+# flux-mcp — the two commands a newcomer needs:
+#   make demo   install what the demo needs, then run edit_image + compare_seeds through a real MCP client
+#   make test   install what the tests need, then run lint + every test
+# Both create .venv/ on first use. `make bench` runs the benchmarks.
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY      = $(VENV)/bin/python
+# On the project's CPU machines this pin takes the CPU wheel on disk; on a GPU box it is the CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test lint bench serve clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[local,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/flux-mcp demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+bench: install
+	$(PY) benchmarks/bench_hosted.py
+	$(PY) benchmarks/bench_local.py
+	$(PY) benchmarks/bench_cns.py
+	$(PY) benchmarks/bench_load.py
+
+serve: install
+	$(VENV)/bin/flux-mcp
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,670 @@
+"""The local backend: FLUX.2 [klein] 9B Base on this machine's GPU through diffusers' Flux2KleinPipeline.
+
+The model (FLUX_MCP_MODEL: a Hugging Face id or a local directory) is loaded once, lazily, on the first
+edit, in a worker thread while progress messages say so, and kept. One GPU job runs at a time; waiting
+callers hear their place in the queue.
+
+One edit, step by step (``LocalBackend._run``, like diffusers' ``__call__``):
+
+1. check the request: refuse what cannot be honoured (InvalidRequest naming the field), note what has no
+   effect here;
+2. fetch and decode the inputs and fetch the LoRA files: network and disk work, done before the GPU is
+   taken so that no download holds up another job;
+3. wait for the GPU; load the model (first edit only);
+4. LoRA adapters: load what is new, activate exactly this request's (``loras.AdapterCache``);
+5. encode the prompt and the negative prompt, once, for one image (the pipeline repeats embeddings);
+6. denoise: one batched pass with one CPU ``torch.Generator`` per image, so image i equals a single
+   run with its seed; a progress message per step;
+7. encode the outputs (png/jpeg/webp) off the event loop.
+
+Steps 4-6 run in one worker thread (``_Engine.run``). The event loop waits for it, relays its progress
+(``anyio.from_thread.run``) and, when the awaiting task is cancelled, sets a flag that the pipeline's
+step callback turns into an exception, so the run stops after the current step (no VAE decode of the
+partial result); the task waits for the thread (the GPU must be free for the next job) and re-raises.
+
+How the fields that are not plain pipeline arguments are honoured:
+
+- ``negative_prompt``: encoded with ``pipe.encode_prompt`` and passed as ``negative_prompt_embeds``;
+  it only acts with true CFG (``guidance_scale > 1``), and a note says so otherwise.
+- ``image_size``: a preset or custom size, rounded to multiples of 2 x the VAE's scale factor (16 for
+  the real model); unset = the first input's size fitted to 1 MP, as the pipeline does with inputs.
+  A note gives the actual size whenever it differs from what was asked.
+- ``acceleration`` (verified against diffusers 0.42.1):
+    - ``none``: eager PyTorch, no cache;
+    - ``regular``: ``transformer.compile_repeated_blocks(fullgraph=True)`` (regional torch.compile of
+      the repeated blocks, once, on the first such run; exact). CUDA only: on the CPU, and with
+      FLUX_MCP_OFFLOAD=sequential, it runs eager and a note says so;
+    - ``high``: diffusers' TaylorSeer cache (``TaylorSeerCacheConfig``: after the first steps the
+      attention outputs are computed every few steps and extrapolated in between; approximate, for
+      drafts), on eager blocks. Not FirstBlockCache: in 0.42.1 it fails on FLUX.2 (its tail hook
+      subtracts the double block's tuple output from the single block's tensor: TypeError). Eager
+      because diffusers' cache hooks are ``torch.compiler.disable``d, which breaks a fullgraph compile.
+      The cache decides per batch, so with ``high`` a batched image may differ slightly from a single run.
+- ``enable_safety_checker``: no classifier runs locally; a note says so and ``nsfw`` stays None.
+- ``sync_mode``: nothing is uploaded anywhere locally; a note says the flag has no effect.
+- ``enable_cns`` and ``cns_*``: ``cns.ColoredNoiseScheduler`` is swapped in for the run and configured
+  from the request (the plain scheduler otherwise), with the calibrated gamma matrix of this model from
+  the user cache dir when one exists, else the analytic stand-in; ``details["cns"]`` says which.
+- ``loras``: see ``loras.py``.
+
+torch is imported here; diffusers and ``cns`` (which imports diffusers) only when the model loads, so
+choosing this backend costs little until the first edit. This module knows nothing about MCP, presets
+or the result store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import math
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from platformdirs import user_cache_dir
+
+from .. import netguard
+from ..config import APP, Settings
+from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
+from ..images import check_image_bytes
+from ..schema import MAX_SEED, EditRequest, output_size
+from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
+from .loras import AdapterCache, LoraFile, LoraFiles
+
+__all__ = ["ACCELERATION", "LORA_FORMATS", "LocalBackend"]
+
+T = TypeVar("T")
+
+#: What each ``acceleration`` value does here (also shown by list_presets).
+ACCELERATION = {
+    "none": "eager PyTorch",
+    "regular": "regional torch.compile of the transformer blocks (fullgraph; CUDA only, eager on CPU)",
+    "high": "TaylorSeer cache (approximate; eager blocks)",
+}
+LORA_FORMATS = ["diffusers", "peft (fal)", "bfl (ai-toolkit)", "kohya"]
+
+_MIB = 1024 * 1024
+_MIN_SIDE = 64
+_MAX_ASPECT = 8.0
+#: The pipeline fits each input to this area; an unset image_size follows the first input, fitted alike.
+_INPUT_AREA = 1024 * 1024
+#: Above this output area the VAE decodes in tiles (its memory grows with the area).
+_TILING_AREA = 1.5e6
+#: TaylorSeer for ``high``: full steps first, then one full step every _TAYLOR_INTERVAL.
+_TAYLOR_INTERVAL = 4
+_HEARTBEAT_S = 10.0
+_CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@dataclass
+class _Outcome:
+    images: list[GeneratedImage]
+    timings: dict[str, float]
+    notes: list[str]
+    details: dict[str, Any]
+
+
+class LocalBackend:
+    """Runs requests on this machine's GPU (or CPU) with diffusers; one job at a time."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.endpoint = settings.model
+        self._engine: _Engine | None = None
+        self._gpu = _GpuQueue()
+        self._lora_files = LoraFiles(settings)
+
+    def capabilities(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model": self.settings.model,
+            "device": _device_name(self.settings),
+            "loaded": self._engine is not None,
+            "offload": self.settings.offload,
+            "max_concurrency": 1,
+            "cns": True,
+            "lora_formats": LORA_FORMATS,
+            "lora_sources": [
+                "local .safetensors file",
+                "http(s) URL of a .safetensors file",
+                "Hugging Face repo id",
+            ],
+            "acceleration": ACCELERATION,
+            "safety_checker": False,
+        }
+
+    async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - 3)
+        outcome = await self._run(request, inputs, [seed + i for i in range(request.num_images)], progress)
+        return BackendResult(outcome.images, seed, outcome.timings, outcome.notes, outcome.details)
+
+    async def edit_seeds(
+        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
+    ) -> list[SeedOutcome]:
+        """All seeds in one batched pass; a failed pass fails every seed, a refused request raises."""
+        if not seeds:
+            raise InvalidRequest("seeds: give at least one seed.", field="seeds")
+        try:
+            outcome = await self._run(request, inputs, list(seeds), progress)
+        except JobFailed as exc:
+            return [exc for _ in seeds]
+        return [
+            BackendResult(
+                [image], image.seed, dict(outcome.timings), list(outcome.notes), dict(outcome.details)
+            )
+            for image in outcome.images
+        ]
+
+    async def aclose(self) -> None:
+        async with self._gpu.turn(_quiet, 0):
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                await anyio.to_thread.run_sync(engine.close)
+
+    # -- one run --------------------------------------------------------------------------------
+
+    async def _run(
+        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
+    ) -> _Outcome:
+        started = time.perf_counter()
+        total = request.num_inference_steps
+        timings: dict[str, float] = {}
+
+        # 1. Check the request
+        notes = self._check(request, inputs)
+
+        # 2. Inputs and LoRA files (network and disk; the GPU is not held yet)
+        await progress(0, total, "reading the input images")
+        references = await self._decode_inputs(inputs)
+        loras = [
+            (await self._lora_files.resolve(i, lora.path), lora.scale) for i, lora in enumerate(request.loras)
+        ]
+        timings["prepare"] = time.perf_counter() - started
+
+        # 3. The GPU, and the model (loaded on the first edit)
+        waited = time.perf_counter()
+        async with self._gpu.turn(progress, total):
+            timings["queue"] = time.perf_counter() - waited
+            engine = await self._loaded_engine(progress, total, timings)
+            width, height, size_note = _output_size(request, references[0].size, engine.multiple)
+            notes += [size_note] if size_note else []
+            job = _Job(request, seeds, references, width, height, loras, _notifier(progress, total))
+            # 4.-6. LoRA adapters, prompt embeddings, denoising: one worker thread
+            ran = time.perf_counter()
+            images, details = await _in_worker(engine.run, job)
+            timings["inference"] = time.perf_counter() - ran
+
+        # 7. Encode the outputs
+        await progress(total, total, "encoding the output images")
+        encoded = await anyio.to_thread.run_sync(_encode_all, images, request.output_format)
+        content_type = _CONTENT_TYPES[request.output_format]
+        generated = [
+            GeneratedImage(data, content_type, image.width, image.height, seed)
+            for data, image, seed in zip(encoded, images, seeds, strict=True)
+        ]
+        timings["total"] = time.perf_counter() - started
+        return _Outcome(generated, timings, notes + details.pop("notes"), details)
+
+    def _check(self, request: EditRequest, inputs: list[InputImage]) -> list[str]:
+        """Refuse what cannot run; return notes for fields that have no effect here."""
+        if not 1 <= len(inputs) <= 4:
+            raise InvalidRequest("image_urls: give 1 to 4 input images.", field="image_urls")
+        notes = []
+        if request.negative_prompt and request.guidance_scale <= 1:
+            notes.append(
+                "negative_prompt had no effect: it only acts with guidance_scale above 1 (true CFG)."
+            )
+        if request.enable_safety_checker:
+            notes.append(
+                "no safety check ran on the local backend (no classifier is configured); nsfw is unknown."
+            )
+        if request.sync_mode:
+            notes.append("sync_mode has no effect on the local backend: nothing is uploaded anywhere.")
+        if request.acceleration == "regular" and _device_name(self.settings).startswith("cpu"):
+            notes.append("acceleration 'regular' ran eager: torch.compile is used on CUDA only.")
+        elif request.acceleration == "regular" and self.settings.offload == "sequential":
+            notes.append(
+                "acceleration 'regular' ran eager: torch.compile is not used with sequential offload."
+            )
+        if request.acceleration == "high":
+            notes.append(
+                "acceleration 'high' used diffusers' TaylorSeer cache (approximate, for drafts); "
+                "use 'regular' or 'none' for final images."
+            )
+        return notes
+
+    async def _decode_inputs(self, inputs: list[InputImage]) -> list[Image.Image]:
+        images = []
+        for index, item in enumerate(inputs):
+            field_name = f"image_urls.{index}"
+            data = item.data
+            if data is None:
+                if not item.url:
+                    raise InputImageError(
+                        f"{field_name}: the input holds neither bytes nor a URL.", field=field_name
+                    )
+                data, _ = await netguard.fetch_url(
+                    item.url,
+                    allow_private=self.settings.allow_private_urls,
+                    max_bytes=int(self.settings.max_input_mb * _MIB),
+                    timeout_s=self.settings.download_timeout_s,
+                    what="input image",
+                    size_setting="FLUX_MCP_MAX_INPUT_MB",
+                    field=field_name,
+                )
+                data, *_ = await anyio.to_thread.run_sync(
+                    check_image_bytes, data, "the downloaded image", field_name, self.settings
+                )
+            images.append(await anyio.to_thread.run_sync(_decode_reference, data, field_name))
+        return images
+
+    async def _loaded_engine(self, progress: Progress, total: int, timings: dict[str, float]) -> _Engine:
+        """The engine, loading the model first if needed (the caller holds the GPU turn)."""
+        if self._engine is not None:
+            return self._engine
+        started = time.perf_counter()
+        message = f"loading model {self.settings.model} (first edit only; this can take minutes)"
+        await progress(0, total, message)
+        async with anyio.create_task_group() as tg:
+
+            async def heartbeat() -> None:
+                while True:
+                    await anyio.sleep(_HEARTBEAT_S)
+                    await progress(0, total, f"{message}: {time.perf_counter() - started:.0f} s")
+
+            tg.start_soon(heartbeat)
+            try:
+                # Not abandoned on cancellation: a half-loaded model must not keep loading unseen.
+                self._engine = await anyio.to_thread.run_sync(_Engine.load, self.settings)
+            finally:
+                tg.cancel_scope.cancel()
+        timings["load_model"] = time.perf_counter() - started
+        return self._engine
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU side: everything here runs in a worker thread
+
+
+@dataclass
+class _Job:
+    """What one GPU run needs, prepared on the event loop."""
+
+    request: EditRequest
+    seeds: list[int]
+    references: list[Image.Image]
+    width: int
+    height: int
+    loras: list[tuple[LoraFile, float]]
+    notify: Callable[[float, str], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class _Interrupted(Exception):
+    """Raised by the step callback when the awaiting task was cancelled."""
+
+
+class _Engine:
+    """The loaded pipeline and the state that lives with it; one worker thread at a time."""
+
+    def __init__(self, pipe: Any, device: torch.device, settings: Settings) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.settings = settings
+        #: Output sides must be multiples of this (VAE downsampling x 2x2 latent patches).
+        self.multiple = pipe.vae_scale_factor * 2
+        self.plain_scheduler = pipe.scheduler
+        self.cns_scheduler: Any = None
+        #: The calibrated CNS gamma matrix of this model and its label; read once, None = stand-in.
+        self.gamma: tuple[torch.Tensor, str] | None = None
+        self.gamma_read = False
+        self.adapters = AdapterCache()
+        self.compiled = False
+
+    @classmethod
+    def load(cls, settings: Settings) -> _Engine:
+        device = _device(settings)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if settings.offload != "none" and device.type != "cuda":
+            raise BackendUnavailable(
+                f"FLUX_MCP_OFFLOAD={settings.offload} needs a CUDA device, and this backend runs on {device}; unset it."
+            )
+        from diffusers import Flux2KleinPipeline
+
+        source = Path(settings.model).expanduser()
+        try:
+            pipe = Flux2KleinPipeline.from_pretrained(
+                str(source) if source.is_dir() else settings.model, dtype=dtype
+            )
+            pipe.set_progress_bar_config(disable=True)
+            if settings.offload == "model":
+                pipe.enable_model_cpu_offload(device=device)
+            elif settings.offload == "sequential":
+                pipe.enable_sequential_cpu_offload(device=device)
+            else:
+                pipe.to(device)
+        except torch.OutOfMemoryError as exc:
+            raise BackendUnavailable(
+                f"the model does not fit into {device}'s memory; set FLUX_MCP_OFFLOAD=model "
+                "(or sequential, slowest) to keep parts of it in CPU memory."
+            ) from exc
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError, ImportError) as exc:
+            raise BackendUnavailable(_load_advice(settings.model, exc)) from exc
+        return cls(pipe, device, settings)
+
+    def run(self, job: _Job) -> tuple[list[Image.Image], dict[str, Any]]:
+        """Steps 4-6 of an edit; returns the images and the details for the result."""
+        request = job.request
+        pipe = self.pipe
+        notes: list[str] = []
+        try:
+            # 4. LoRA adapters
+            applied = self.adapters.activate(pipe, job.loras, lambda message: job.notify(0, message))
+            # 5. Prompt embeddings, for one image: the pipeline repeats them per image
+            job.notify(0, "encoding the prompt")
+            cfg = request.guidance_scale > 1 and not pipe.config.is_distilled
+            prompt_embeds, _ = pipe.encode_prompt(prompt=request.prompt, num_images_per_prompt=1)
+            negative_embeds = (
+                pipe.encode_prompt(request.negative_prompt, num_images_per_prompt=1)[0] if cfg else None
+            )
+            if request.guidance_scale > 1 and pipe.config.is_distilled:
+                notes.append("this model is step-distilled: guidance_scale and negative_prompt were ignored.")
+            # 6. Denoise
+            cns_info = self._set_sampler(job)
+            if job.width * job.height > _TILING_AREA:
+                pipe.vae.enable_tiling()
+            else:
+                pipe.vae.disable_tiling()
+            with self._acceleration(job):
+                images = pipe(
+                    image=job.references,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_embeds,
+                    height=job.height,
+                    width=job.width,
+                    num_inference_steps=request.num_inference_steps,
+                    guidance_scale=request.guidance_scale,
+                    num_images_per_prompt=len(job.seeds),
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
+                    callback_on_step_end=_step_callback(job),
+                ).images
+            if cns_info is not None:
+                cns_info.update(self.cns_scheduler.cns_info())
+        except _Interrupted:
+            pipe.maybe_free_model_hooks()  # offload hooks and cache state as after a finished call
+            raise
+        except torch.OutOfMemoryError as exc:
+            self._free_memory()
+            raise JobFailed(
+                f"out of GPU memory at {job.width}x{job.height} with {len(job.seeds)} image(s); lower image_size "
+                "or num_images, or set FLUX_MCP_OFFLOAD=model."
+            ) from exc
+        except RuntimeError as exc:
+            raise JobFailed(f"the local pipeline failed: {exc}") from exc
+        finally:
+            pipe.scheduler = self.plain_scheduler
+        details: dict[str, Any] = {
+            "device": str(self.device),
+            "dtype": str(pipe.transformer.dtype).removeprefix("torch."),
+            "width": job.width,
+            "height": job.height,
+            "acceleration": request.acceleration,
+            "loras": applied,
+            "notes": notes,
+        }
+        if cns_info is not None:
+            details["cns"] = cns_info
+        return images, details
+
+    def _set_sampler(self, job: _Job) -> dict[str, Any] | None:
+        """Swap in the CNS scheduler configured for this run; returns a dict to fill with its info."""
+        if not job.request.enable_cns:
+            return None
+        from . import cns
+
+        if self.cns_scheduler is None:
+            self.cns_scheduler = cns.ColoredNoiseScheduler.from_config(self.plain_scheduler.config)
+        if not self.gamma_read:
+            try:
+                self.gamma = cns.load_cached_gamma(Path(user_cache_dir(APP)), self.settings.model)
+            except ValueError:
+                self.gamma = None  # a broken cache file: the stand-in, as if never calibrated
+            self.gamma_read = True
+        matrix, label = self.gamma or (None, "analytic stand-in")
+        self.cns_scheduler.configure_cns(
+            cns.CNSParams.from_request(job.request),
+            cns.noise_generators(job.seeds, "cpu"),
+            cns.token_grid(self.pipe, job.height, job.width),
+            matrix,
+            label,
+        )
+        self.pipe.scheduler = self.cns_scheduler
+        return {}
+
+    @contextlib.contextmanager
+    def _acceleration(self, job: _Job) -> Iterator[None]:
+        level = job.request.acceleration
+        transformer = self.pipe.transformer
+        compile_here = self.device.type == "cuda" and self.settings.offload != "sequential"
+        if level == "regular" and compile_here and not self.compiled:
+            job.notify(0, "compiling the transformer blocks (first accelerated run only)")
+            transformer.compile_repeated_blocks(fullgraph=True)
+            self.compiled = True
+        with contextlib.ExitStack() as stack:
+            if self.compiled and level != "regular":
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            if level == "high":
+                from diffusers.hooks import TaylorSeerCacheConfig
+
+                transformer.enable_cache(
+                    TaylorSeerCacheConfig(
+                        cache_interval=_TAYLOR_INTERVAL,
+                        disable_cache_before_step=max(3, job.request.num_inference_steps // 5),
+                        taylor_factors_dtype=transformer.dtype,
+                    )
+                )
+                stack.callback(transformer.disable_cache)
+            yield
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        self.adapters.clear()
+        self.pipe = self.plain_scheduler = self.cns_scheduler = None
+        self._free_memory()
+
+
+def _step_callback(job: _Job) -> Callable[..., dict[str, Any]]:
+    total = job.request.num_inference_steps
+
+    def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        # Raising (rather than pipe._interrupt = True) also skips decoding the unfinished latents.
+        if job.cancelled.is_set():
+            raise _Interrupted
+        job.notify(step + 1, f"step {step + 1}/{total}")
+        return {}
+
+    return on_step_end
+
+
+# ---------------------------------------------------------------------------------------------
+# Between the loop and the worker
+
+
+class _GpuQueue:
+    """One GPU job at a time, first come first served; waiting callers hear their place in line."""
+
+    def __init__(self) -> None:
+        self._line: list[object] = []  # [the running job, then the waiting ones]
+        self._moved: anyio.Event | None = None
+
+    @contextlib.asynccontextmanager
+    async def turn(self, progress: Progress, total: int) -> AsyncIterator[None]:
+        ticket = object()
+        self._line.append(ticket)
+        try:
+            told = 0
+            while self._line[0] is not ticket:
+                # Taken before awaiting progress, so a job that ends meanwhile still wakes us.
+                moved = self._moved = self._moved or anyio.Event()
+                position = self._line.index(ticket)
+                if position != told:
+                    await progress(0, total, f"waiting for the GPU: position {position}")
+                    told = position
+                await moved.wait()
+            yield
+        finally:
+            self._line.remove(ticket)
+            if self._moved is not None:
+                self._moved.set()
+                self._moved = None
+
+
+def _notifier(progress: Progress, total: int) -> Callable[[float, str], None]:
+    """Progress from the worker thread, sent to the loop and never going backwards."""
+    last = 0.0
+
+    def notify(done: float, message: str) -> None:
+        nonlocal last
+        last = max(last, done)
+        anyio.from_thread.run(progress, last, total, message)
+
+    return notify
+
+
+async def _in_worker(run: Callable[[_Job], T], job: _Job) -> T:
+    """``run(job)`` in a worker thread. Cancelled, it flags the job, waits for the thread and re-raises."""
+    box: list[tuple[bool, Any]] = []
+
+    def guarded() -> None:
+        try:
+            box.append((True, run(job)))
+        except BaseException as exc:  # carried out of the task group unwrapped, re-raised below
+            box.append((False, exc))
+
+    async def flag_on_cancel() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            job.cancelled.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(flag_on_cancel)
+        # Not abandoned: the thread holds the GPU until its step ends, and the next job must wait for it.
+        await anyio.to_thread.run_sync(guarded)
+        tg.cancel_scope.cancel()
+    ok, value = box[0]
+    if ok:
+        return value
+    if isinstance(value, _Interrupted):  # the cancellation did not reach us: do not pass it on silently
+        raise JobFailed("the local run was interrupted")
+    raise value
+
+
+async def _quiet(progress: float, total: float | None, message: str) -> None:
+    """A progress sink for internal waits nobody watches."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def _device_name(settings: Settings) -> str:
+    return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _device(settings: Settings) -> torch.device:
+    try:
+        device = torch.device(_device_name(settings))
+    except RuntimeError as exc:
+        raise BackendUnavailable(
+            f"FLUX_MCP_DEVICE={settings.device!r} is not a torch device ({exc})."
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"FLUX_MCP_DEVICE={settings.device} but torch {torch.__version__} sees no CUDA device; "
+            "install a CUDA build of torch or set FLUX_MCP_DEVICE=cpu (very slow for the real model)."
+        )
+    return device
+
+
+def _load_advice(model: str, exc: BaseException) -> str:
+    reason = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot load the model {model!r}: {reason}. FLUX_MCP_MODEL must be a local directory holding the "
+        "Flux2KleinPipeline (model_index.json and its folders) or a Hugging Face id that is downloaded: "
+        "accept the license on huggingface.co, then run `hf download black-forest-labs/FLUX.2-klein-base-9B` "
+        "(about 35 GB), or point FLUX_MCP_MODEL at a local copy."
+    )
+
+
+def _output_size(request: EditRequest, first: tuple[int, int], multiple: int) -> tuple[int, int, str | None]:
+    """(width, height) to generate, and a note when that is not what was asked."""
+    width, height = output_size(request, first) or first
+    if request.image_size is None and width * height > _INPUT_AREA:
+        scale = math.sqrt(_INPUT_AREA / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    out_w, out_h = (max(multiple, round(side / multiple) * multiple) for side in (width, height))
+    if request.image_size is None and (out_w, out_h) != first:
+        note = f"the output follows the first input ({first[0]}x{first[1]}), fitted to at most 1 MP and to "
+        note += f"multiples of {multiple} px: {out_w}x{out_h}."
+    elif request.image_size is not None and (out_w, out_h) != (width, height):
+        note = f"image_size {width}x{height} was rounded to {out_w}x{out_h} (multiples of {multiple} px)."
+    else:
+        note = None
+    return out_w, out_h, note
+
+
+def _decode_reference(data: bytes, field_name: str) -> Image.Image:
+    """An RGB image the pipeline accepts (each side >= 64 px, aspect at most 8:1)."""
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            image = ImageOps.exif_transpose(opened) or opened
+            image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputImageError(
+            f"{field_name}: the image cannot be decoded ({exc}).", field=field_name
+        ) from None
+    if image.mode in ("RGBA", "LA", "PA", "P"):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, "white")
+        image.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
+    image = image.convert("RGB")
+    width, height = image.size
+    if min(width, height) < _MIN_SIDE or max(width, height) / min(width, height) > _MAX_ASPECT:
+        raise InputImageError(
+            f"{field_name}: the image is {width}x{height}; FLUX.2 [klein] needs each side to be at least "
+            f"{_MIN_SIDE} px and an aspect ratio of at most 8:1.",
+            field=field_name,
+        )
+    return image
+
+
+def _encode_all(images: list[Image.Image], output_format: str) -> list[bytes]:
+    encoded = []
+    for image in images:
+        out = io.BytesIO()
+        if output_format == "png":
+            image.save(out, format="PNG")
+        elif output_format == "jpeg":
+            image.save(out, format="JPEG", quality=95)
+        else:
+            image.save(out, format="WEBP", quality=95)
+        encoded.append(out.getvalue())
+    return encoded

@@ -1,0 +1,440 @@
+"""LoRA files and adapters for the local backend.
+
+``LoraFiles`` turns ``loras[i].path`` into a verified ``.safetensors`` file on this machine (event-loop
+side; its blocking parts run in worker threads). A path is one of:
+
+- a local file, inside the folders the server may read (FLUX_MCP_INPUT_ROOTS, the output dir and
+  FLUX_MCP_LORA_CACHE);
+- an http(s) URL, downloaded once through ``netguard.fetch_url`` (address guard, FLUX_MCP_MAX_LORA_MB
+  cap) into FLUX_MCP_LORA_CACHE under a name made from the URL's hash, written atomically, so later
+  requests (and other server processes) reuse it;
+- a Hugging Face repo id, ``owner/name`` or ``owner/name/path/file.safetensors``, fetched with
+  huggingface_hub's ``hf_hub_download`` (its cache, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply).
+
+Safety: pickle formats (.bin, .pt, .pth, .ckpt, .pkl) can run code when loaded and are refused by
+name; and whatever its name says, a file must parse as safetensors by its content (the header is
+checked here before anything is cached or loaded, and the tensors are read with safetensors' own
+loader; neither ever unpickles).
+
+``AdapterCache`` owns the adapters inside the pipeline (GPU worker thread only): one adapter per
+distinct file content, named by the content hash, the least recently used evicted beyond
+``capacity``. After each load it checks that the adapter really reached the model (diffusers only
+logs a warning when no key matches) and removes a half-loaded one. Per request it activates exactly
+that request's adapters with their scales, or switches LoRA off, so a LoRA never leaks into the
+next request.
+
+This module knows nothing about MCP, presets, the result store or how the pipeline is called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import anyio.to_thread
+
+from .. import netguard
+from ..errors import BackendError, BackendUnavailable, InvalidRequest
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..config import Settings
+
+__all__ = ["AdapterCache", "LoraFile", "LoraFiles", "safetensors_problem"]
+
+_MIB = 1024 * 1024
+_PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: diffusers' default LoRA file name, chosen when a repo holds several .safetensors files.
+_DEFAULT_HUB_FILE = "pytorch_lora_weights.safetensors"
+#: safetensors itself refuses headers above 100 MB.
+_MAX_HEADER_BYTES = 100 * _MIB
+_HASH_CHUNK = 8 * _MIB
+_FORMATS_HINT = "FLUX.2 [klein] LoRAs in diffusers, PEFT/fal, BFL/ai-toolkit or kohya format load"
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A verified LoRA file of one request."""
+
+    path: Path
+    sha256: str
+    #: What messages call it: the file name, the URL without its query, or repo/file.
+    label: str
+    #: The request field it came from, e.g. ``loras.1.path``.
+    field: str
+
+    @property
+    def adapter_name(self) -> str:
+        """Named by content, so one file under two paths is one adapter (and peft forbids dots)."""
+        return f"lora_{self.sha256[:16]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+class LoraFiles:
+    """Resolves request paths to verified local files; downloads and hashes are cached."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._download_locks: dict[str, anyio.Lock] = {}
+
+    async def resolve(self, index: int, raw: str) -> LoraFile:
+        """The file behind ``loras[index].path``; InvalidRequest (naming the field) when unusable."""
+        field = f"loras.{index}.path"
+        text = raw.strip()
+        if text.lower().startswith(("http://", "https://")):
+            path, label = await self._download(text, field)
+        elif await anyio.to_thread.run_sync(_is_local, text):
+            path, label = await anyio.to_thread.run_sync(self._local, text, field)
+        elif _REPO_ID.match("/".join(text.split("/")[:2])):
+            path, label = await anyio.to_thread.run_sync(self._from_hub, text, field)
+        else:
+            raise InvalidRequest(
+                f"{field}: {text!r} is neither an existing local file, an https URL nor a Hugging Face "
+                "repo id (owner/name or owner/name/file.safetensors).",
+                field=field,
+            )
+        digest = await anyio.to_thread.run_sync(self._verify, path, label, field)
+        return LoraFile(path=path, sha256=digest, label=label, field=field)
+
+    # -- the three sources ----------------------------------------------------------------------
+
+    def _local(self, text: str, field: str) -> tuple[Path, str]:
+        if text.lower().startswith("file://"):
+            text = unquote(urlsplit(text).path)
+        path = Path(text).expanduser().resolve()
+        _refuse_pickle(path.name, path.name, field)
+        roots = [
+            r.expanduser().resolve() for r in (*self._settings.allowed_input_roots, self._settings.lora_cache)
+        ]
+        if not any(path.is_relative_to(root) for root in roots):
+            raise InvalidRequest(
+                f"{field}: {path} is outside the folders this server may read "
+                f"({', '.join(map(str, roots))}). Move the LoRA there or add its folder to FLUX_MCP_INPUT_ROOTS.",
+                field=field,
+            )
+        return path, path.name
+
+    async def _download(self, url: str, field: str) -> tuple[Path, str]:
+        label = _url_label(url)
+        _refuse_pickle(PurePosixPath(urlsplit(url).path).name, label, field)
+        target = (
+            self._settings.lora_cache / f"url-{hashlib.sha256(url.encode()).hexdigest()[:32]}.safetensors"
+        )
+        # One download per URL even when several requests ask for it at once.
+        lock = self._download_locks.setdefault(url, anyio.Lock())
+        async with lock:
+            if await anyio.to_thread.run_sync(target.is_file):
+                return target, label
+            data, _content_type = await netguard.fetch_url(
+                url,
+                allow_private=self._settings.allow_private_urls,
+                max_bytes=int(self._settings.max_lora_mb * _MIB),
+                timeout_s=self._settings.download_timeout_s,
+                what="LoRA file",
+                size_setting="FLUX_MCP_MAX_LORA_MB",
+                field=field,
+            )
+            await anyio.to_thread.run_sync(_store_download, target, data, label, field)
+        return target, label
+
+    def _from_hub(self, text: str, field: str) -> tuple[Path, str]:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        parts = text.split("/")
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        try:
+            filename = filename or _pick_hub_file(repo_id, field)
+            _refuse_pickle(filename, f"{repo_id}/{filename}", field)
+            if not filename.endswith(".safetensors"):
+                raise InvalidRequest(
+                    f"{field}: {repo_id}/{filename} is not a .safetensors file; only safetensors LoRAs are loaded.",
+                    field=field,
+                )
+            return Path(hf_hub_download(repo_id, filename)), f"{repo_id}/{filename}"
+        except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+            raise InvalidRequest(
+                f"{field}: the Hugging Face repo {repo_id} does not exist or is private/gated "
+                "(accept its license on huggingface.co and set HF_TOKEN).",
+                field=field,
+            ) from exc
+        except LocalEntryNotFoundError as exc:
+            raise BackendUnavailable(
+                f"{field}: {repo_id}/{filename} is not in the local Hugging Face cache and the Hub cannot be "
+                "reached (no network, or HF_HUB_OFFLINE=1). Download it once while online, or pass a local path.",
+            ) from exc
+        except EntryNotFoundError as exc:
+            raise InvalidRequest(f"{field}: {repo_id} has no file {filename}.", field=field) from exc
+        except (HfHubHTTPError, OSError) as exc:
+            raise BackendError(
+                f"{field}: downloading {repo_id}/{filename} from Hugging Face failed: {exc}"
+            ) from exc
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _verify(self, path: Path, label: str, field: str) -> str:
+        """Size cap and safetensors header check; returns the content's sha256 (memoised by stat)."""
+        try:
+            stat = path.stat()
+            if not path.is_file():
+                raise InvalidRequest(f"{field}: {label} is not a file.", field=field)
+            if stat.st_size > self._settings.max_lora_mb * _MIB:
+                raise InvalidRequest(
+                    f"{field}: {label} is larger than {self._settings.max_lora_mb:g} MiB (FLUX_MCP_MAX_LORA_MB).",
+                    field=field,
+                )
+            key = (str(path), stat.st_size, stat.st_mtime_ns)
+            if key in self._hashes:
+                return self._hashes[key]
+            with path.open("rb") as stream:
+                _raise_unless_safetensors(stream, stat.st_size, label, field)
+                stream.seek(0)
+                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+        except FileNotFoundError:
+            raise InvalidRequest(f"{field}: no file at {path}.", field=field) from None
+        except OSError as exc:
+            raise InvalidRequest(f"{field}: cannot read {label}: {exc.strerror}.", field=field) from None
+        self._hashes[key] = digest
+        return digest
+
+
+def _is_local(text: str) -> bool:
+    """A path-looking string, or any existing file (a relative path could also read as owner/name)."""
+    if text.startswith(("/", "~", "./", "../", "file://")) or re.match(r"^[A-Za-z]:[\\/]", text):
+        return True
+    return Path(text).expanduser().is_file()
+
+
+def _pick_hub_file(repo_id: str, field: str) -> str:
+    """The repo's one .safetensors file (or diffusers' default name among several)."""
+    import httpx
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except (OfflineModeIsEnabled, httpx.TransportError, OSError):
+        # Offline: look at what the local cache holds of this repo.
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.safetensors"]))
+        files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*.safetensors")]
+    candidates = sorted(f for f in files if f.endswith(".safetensors"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if _DEFAULT_HUB_FILE in candidates:
+        return _DEFAULT_HUB_FILE
+    if not candidates:
+        raise InvalidRequest(
+            f"{field}: the Hugging Face repo {repo_id} holds no .safetensors file.", field=field
+        )
+    shown = ", ".join(candidates[:8]) + (" ..." if len(candidates) > 8 else "")
+    raise InvalidRequest(
+        f"{field}: {repo_id} holds several .safetensors files ({shown}); name one as {repo_id}/<file>.",
+        field=field,
+    )
+
+
+def _refuse_pickle(name: str, label: str, field: str) -> None:
+    suffix = PurePosixPath(name).suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        raise InvalidRequest(
+            f"{field}: {label} is a pickle file ({suffix}); pickle formats can run code when loaded and are "
+            "refused. Use the .safetensors version of this LoRA (or convert it).",
+            field=field,
+        )
+
+
+def _url_label(url: str) -> str:
+    """The URL without query and fragment: those may carry access tokens."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+
+
+def _store_download(target: Path, data: bytes, label: str, field: str) -> None:
+    """Check the bytes, then write them next to the target and rename: readers never see half a file."""
+    from io import BytesIO
+
+    _raise_unless_safetensors(BytesIO(data), len(data), label, field)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+        os.replace(staging, target)
+    finally:
+        Path(staging).unlink(missing_ok=True)
+
+
+def _raise_unless_safetensors(stream: IO[bytes], size: int, label: str, field: str) -> None:
+    problem = safetensors_problem(stream, size)
+    if problem is not None:
+        raise InvalidRequest(
+            f"{field}: {label} is not a safetensors file ({problem}). Only .safetensors LoRAs are loaded; "
+            "pickle formats (.bin, .pt, .ckpt, .pth) are refused.",
+            field=field,
+        )
+
+
+def safetensors_problem(stream: IO[bytes], size: int) -> str | None:
+    """Why the bytes are not a safetensors file, or None when they are.
+
+    Layout: an 8-byte little-endian header length N, N bytes of JSON mapping tensor names to
+    {dtype, shape, data_offsets}, then the data; every offset must lie inside the data.
+    """
+    head = stream.read(8)
+    if len(head) < 8:
+        return "it is too short"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "it is a zip/pickle archive, i.e. a PyTorch .pt/.bin file"
+    header_len = int.from_bytes(head, "little")
+    if header_len < 2 or header_len > min(_MAX_HEADER_BYTES, size - 8):
+        return "its header length is invalid"
+    try:
+        header = json.loads(stream.read(header_len))
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return "its header is not JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    data_size = size - 8 - header_len
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    if not tensors:
+        return "it holds no tensors"
+    for name, entry in tensors.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            return f"the entry for {str(name)[:80]!r} is invalid"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters in the pipeline
+
+
+class AdapterCache:
+    """The pipeline's LoRA adapters; used only from the GPU worker thread, one job at a time."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._capacity = capacity
+        self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> label, oldest first
+
+    def activate(
+        self, pipe: Any, loras: Sequence[tuple[LoraFile, float]], report: Callable[[str], None]
+    ) -> list[dict[str, Any]]:
+        """Load what is missing, then make exactly these adapters active with these scales.
+
+        Returns what was applied, for the result's details.
+        """
+        wanted = {lora.adapter_name for lora, _ in loras}
+        for lora, _scale in loras:
+            if lora.adapter_name not in self._loaded:
+                self._make_room(pipe, keep=wanted)
+                report(f"loading LoRA {lora.label}")
+                self._load(pipe, lora)
+            self._loaded.move_to_end(lora.adapter_name)
+        if not loras:
+            if self._loaded:
+                pipe.disable_lora()
+            return []
+        weights: dict[str, float] = {}
+        for lora, scale in loras:  # the same file twice adds up, as two copies of it would
+            weights[lora.adapter_name] = weights.get(lora.adapter_name, 0.0) + scale
+        # set_adapters does not undo an earlier disable_lora (seen on diffusers 0.42.1 / peft 0.21).
+        pipe.enable_lora()
+        pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+        return [{"path": lora.label, "adapter": lora.adapter_name, "scale": scale} for lora, scale in loras]
+
+    def clear(self) -> None:
+        self._loaded.clear()
+
+    def _make_room(self, pipe: Any, keep: set[str]) -> None:
+        while len(self._loaded) >= self._capacity:
+            victim = next((name for name in self._loaded if name not in keep), None)
+            if victim is None:
+                return
+            pipe.delete_adapters([victim])
+            del self._loaded[victim]
+
+    def _load(self, pipe: Any, lora: LoraFile) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = _fold_alphas(load_file(str(lora.path)))
+        except (SafetensorError, OSError) as exc:
+            raise InvalidRequest(f"{lora.field}: cannot read {lora.label}: {exc}.", field=lora.field) from exc
+        name = lora.adapter_name
+        try:
+            pipe.load_lora_weights(state, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, IndexError) as exc:
+            self._discard(pipe, name)
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InvalidRequest(
+                f"{lora.field}: {lora.label} does not fit this model ({reason}). It was probably trained for "
+                f"another model; {_FORMATS_HINT}.",
+                field=lora.field,
+            ) from exc
+        if not _reaches_model(pipe, name):
+            self._discard(pipe, name)
+            raise InvalidRequest(
+                f"{lora.field}: no LoRA keys in {lora.label} match this model (the FLUX.2 [klein] transformer); "
+                f"it was probably trained for another model. {_FORMATS_HINT}.",
+                field=lora.field,
+            )
+        self._loaded[name] = lora.label
+
+    @staticmethod
+    def _discard(pipe: Any, name: str) -> None:
+        if name in pipe.get_list_adapters().get("transformer", []):
+            pipe.delete_adapters([name])
+
+
+def _reaches_model(pipe: Any, name: str) -> bool:
+    """The adapter is registered and wraps at least one layer of the transformer."""
+    if name not in pipe.get_list_adapters().get("transformer", []):
+        return False
+    return any(name in getattr(module, "lora_A", {}) for module in pipe.transformer.modules())
+
+
+def _fold_alphas(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold ``.alpha`` keys of non-kohya files into ``lora_A`` (scale alpha / rank).
+
+    diffusers converts kohya alphas itself but raises ValueError on the ``.alpha`` keys that some
+    BFL/ai-toolkit exports carry; the update they describe is the same with the scale folded in.
+    """
+    if not any(key.endswith(".alpha") for key in state) or any(".lora_down." in key for key in state):
+        return state
+    folded = dict(state)
+    for key in [k for k in state if k.endswith(".alpha")]:
+        base = key.removesuffix(".alpha")
+        down = folded.get(f"{base}.lora_A.weight")
+        if down is not None:
+            rank = down.shape[0]
+            folded[f"{base}.lora_A.weight"] = down * (float(state[key]) / rank)
+        del folded[key]
+    return folded

@@ -1,0 +1,329 @@
+"""Jobs: edits that outlive the host's tool-call timeout.
+
+Every edit_image / compare_seeds call runs as a job in the server's own task group, not in the
+request's task. The tool waits for it up to ``FLUX_MCP_CALL_BUDGET_S`` while forwarding progress; a
+call that finishes in time returns its result as if there were no job. One that does not returns a
+normal "still running" result with the job id, and the work goes on: ``get_result`` collects it
+(or its progress), ``cancel_job`` stops it.
+
+Job state is kept on disk beside the results (``<output dir>/jobs/<id>.json``, written atomically):
+a finished job can be collected after a server restart, and a hosted job that was still running
+when the server stopped is resumed by its fal request ids (``RunHooks.submitted`` records them the
+moment fal accepts a job). Local jobs cannot be resumed; a restart marks them failed, saying so.
+
+Cancellation: a host's ``notifications/cancelled`` for a call still inside its budget cancels the
+job (that is what the host asked for); once the call has returned a job id, nothing but cancel_job
+stops it.
+
+This module knows nothing about MCP; the server renders what it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+from pydantic import BaseModel, ValidationError
+
+from .backends import RunHooks, run_hooks
+from .errors import FluxMCPError, NotFound
+from .presets import Preset
+from .schema import EditRequest
+from .service import (
+    CompareOutcome,
+    EditOutcome,
+    FluxService,
+    JobInfo,
+    PreparedCall,
+    ProgressFn,
+    public_params,
+)
+
+__all__ = ["Job", "JobManager", "JobRecord"]
+
+logger = logging.getLogger(__name__)
+
+JOB_ID = re.compile(r"^job-\d{8}-\d{6}-[0-9a-f]{8}$")
+FINAL_STATES = frozenset({"done", "failed", "cancelled"})
+
+
+class JobRecord(BaseModel):
+    """What is kept on disk for one job."""
+
+    info: JobInfo
+    tool: str
+    backend: str
+    request: dict[str, Any]
+    preset: str | None = None
+    library_loras: list[dict[str, Any]] = []
+    seeds: list[int] | None = None
+    cost: float = 0.0
+    #: fal request id -> seed (None for edit_image), recorded as soon as fal accepted each job.
+    remote: dict[str, int | None] = {}
+    #: The structured result once done (EditOutput / CompareOutput as JSON).
+    output: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    """A job in memory: its record, how to wait for it, how to stop it, who wants its progress."""
+
+    record: JobRecord
+    call: PreparedCall | None = None
+    finished: anyio.Event = field(default_factory=anyio.Event)
+    scope: anyio.CancelScope | None = None
+    listeners: list[ProgressFn] = field(default_factory=list)
+    outcome: EditOutcome | CompareOutcome | None = None
+
+    @property
+    def id(self) -> str:
+        return self.record.info.id
+
+    @property
+    def state(self) -> str:
+        return self.record.info.state
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class JobManager:
+    """Runs calls as jobs; use as ``async with JobManager(service) as jobs:`` for the server's life."""
+
+    def __init__(self, service: FluxService) -> None:
+        self.service = service
+        self.root = service.settings.output_dir / "jobs"
+        self._jobs: dict[str, Job] = {}
+        self._group: anyio.abc.TaskGroup | None = None
+        self._shutting_down = False
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[JobManager]:
+        await anyio.to_thread.run_sync(lambda: self.root.mkdir(parents=True, exist_ok=True))
+        async with anyio.create_task_group() as group:
+            self._group = group
+            await self._resume_unfinished()
+            try:
+                yield self
+            finally:
+                # Hosted jobs are left running on fal (and resumed at the next start); local ones stop.
+                self._shutting_down = True
+                group.cancel_scope.cancel()
+
+    # -- starting, waiting, cancelling -------------------------------------------------------------
+
+    async def submit(self, call: PreparedCall) -> Job:
+        """Start ``call`` as a job; returns at once."""
+        now = _now()
+        job_id = f"job-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
+        record = JobRecord(
+            info=JobInfo(id=job_id, state="queued", created=now, updated=now, message="queued"),
+            tool=call.tool,
+            backend=call.backend.name,
+            request=public_params(call.request),
+            preset=call.preset.name if call.preset else None,
+            library_loras=call.library_loras,
+            seeds=call.seeds,
+            cost=call.cost,
+        )
+        job = Job(record, call)
+        self._jobs[job_id] = job
+        await self._save(job)
+        assert self._group is not None, "JobManager.running() is not active"
+        self._group.start_soon(self._run, job, None)
+        return job
+
+    async def wait(self, job: Job, timeout: float, progress: ProgressFn | None = None) -> bool:
+        """Wait up to ``timeout`` s for the job, forwarding its progress; True when it is finished."""
+        if progress is not None:
+            job.listeners.append(progress)
+            if job.record.info.progress or job.record.info.message:
+                info = job.record.info
+                await _safe(progress, info.progress, info.total, info.message)
+        try:
+            with anyio.move_on_after(timeout):
+                await job.finished.wait()
+        finally:
+            if progress is not None and progress in job.listeners:
+                job.listeners.remove(progress)
+        return job.finished.is_set()
+
+    async def cancel(self, job: Job) -> None:
+        """Stop a running job (hosted jobs are cancelled on fal too) and wait until it has stopped."""
+        if job.state in FINAL_STATES:
+            return
+        if job.scope is not None:
+            job.scope.cancel()
+        with anyio.move_on_after(15, shield=True):
+            await job.finished.wait()
+
+    async def get(self, job_id: str) -> Job:
+        """A job by id, from memory or (after a restart) from disk."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job
+        if not JOB_ID.match(job_id):
+            raise NotFound(f"{job_id!r} is not a job id (job ids look like job-20261125-181500-1a2b3c4d).")
+        path = self.root / f"{job_id}.json"
+        try:
+            text = await anyio.to_thread.run_sync(path.read_text)
+            record = JobRecord.model_validate_json(text)
+        except FileNotFoundError:
+            raise NotFound(f"No job {job_id} in {self.root}.") from None
+        except (OSError, ValidationError) as exc:
+            raise NotFound(f"The state of job {job_id} cannot be read: {exc}") from None
+        job = Job(record)
+        if record.info.state in FINAL_STATES:
+            job.finished.set()
+        self._jobs[job_id] = job
+        return job
+
+    async def outcome(self, job: Job) -> EditOutcome | CompareOutcome:
+        """The finished job's result, rebuilt from disk when it ran before a restart."""
+        if job.outcome is None:
+            assert job.record.output is not None
+            job.outcome = await self.service.reload(job.record.tool, job.record.output)
+        return job.outcome
+
+    def pending_view(self, job: Job) -> Any:
+        """The structured "still running" result for a job's call."""
+        if job.call is None:
+            job.call = self._rebuild_call(job.record)
+        return job.call.pending(job.record.info)
+
+    # -- running ----------------------------------------------------------------------------------
+
+    async def _run(self, job: Job, remote: dict[str, int | None] | None) -> None:
+        assert job.call is not None
+        info = job.record.info
+
+        async def progress(value: float, total: float | None, message: str) -> None:
+            if info.state == "queued":
+                info.state = "running"
+            info.progress, info.total, info.message, info.updated = value, total, message, _now()
+            for listener in list(job.listeners):
+                await _safe(listener, value, total, message)
+
+        async def submitted(request_id: str, seed: int | None) -> None:
+            job.record.remote[request_id] = seed
+            await self._save(job)
+
+        token = run_hooks.set(RunHooks(submitted=submitted, detached=lambda: self._shutting_down))
+        try:
+            with anyio.CancelScope() as scope:
+                job.scope = scope
+                info.state = "running"
+                await self._save(job)
+                try:
+                    if remote:
+                        outcome = await self.service.collect(job.call, remote, progress)
+                    else:
+                        outcome = await self.service.run(job.call, progress)
+                except FluxMCPError as exc:
+                    self._finish(job, "failed", error=str(exc))
+                except Exception:
+                    logger.exception("Job %s failed unexpectedly", job.id)
+                    self._finish(job, "failed", error="internal error in flux-mcp (see the server log)")
+                else:
+                    job.outcome = outcome
+                    job.record.output = outcome.output.model_dump(mode="json")
+                    self._finish(job, "done", message="done")
+        finally:
+            run_hooks.reset(token)
+            if info.state not in FINAL_STATES:
+                if not self._shutting_down:
+                    self._finish(job, "cancelled", message="cancelled")
+                elif not job.record.remote:
+                    self._finish(job, "failed", error="interrupted: the server shut down before it finished")
+                # else: left "running" on disk, resumed by its fal request ids at the next start
+            job.finished.set()
+            with anyio.CancelScope(shield=True):
+                await self._save(job)
+
+    def _finish(self, job: Job, state: str, *, message: str = "", error: str | None = None) -> None:
+        info = job.record.info
+        info.state = state  # type: ignore[assignment]
+        info.message = message or (error or "")
+        info.error = error
+        info.updated = _now()
+
+    async def _resume_unfinished(self) -> None:
+        """At start: resume hosted jobs that were running; mark the others as interrupted."""
+
+        def scan() -> list[JobRecord]:
+            records = []
+            for path in sorted(self.root.glob("job-*.json")):
+                try:
+                    record = JobRecord.model_validate_json(path.read_text("utf-8"))
+                except (OSError, ValidationError):
+                    continue
+                if record.info.state not in FINAL_STATES:
+                    records.append(record)
+            return records
+
+        for record in await anyio.to_thread.run_sync(scan):
+            job = Job(record)
+            self._jobs[record.info.id] = job
+            resumable = record.remote and record.backend == "fal" and self._backend_name() == "fal"
+            if not resumable:
+                self._finish(
+                    job,
+                    "failed",
+                    error="interrupted by a server restart before it finished; run the call again",
+                )
+                job.finished.set()
+                await self._save(job)
+                continue
+            job.call = self._rebuild_call(record)
+            assert self._group is not None
+            self._group.start_soon(self._run, job, dict(record.remote))
+
+    def _backend_name(self) -> str | None:
+        try:
+            return self.service.backend.name
+        except FluxMCPError:
+            return None
+
+    def _rebuild_call(self, record: JobRecord) -> PreparedCall:
+        presets, _, _ = self.service.library.snapshot()
+        preset: Preset | None = presets.get(record.preset) if record.preset else None
+        return PreparedCall(
+            tool=record.tool,
+            request=EditRequest.model_validate(record.request),
+            preset=preset,
+            library_loras=record.library_loras,
+            inputs=[],
+            seeds=record.seeds,
+            cost=record.cost,
+            backend=self.service.backend,
+        )
+
+    async def _save(self, job: Job) -> None:
+        data = job.record.model_dump_json(indent=2).encode()
+        path = self.root / f"{job.id}.json"
+
+        def write() -> None:
+            tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+
+        await anyio.to_thread.run_sync(write)
+
+
+async def _safe(listener: ProgressFn, value: float, total: float | None, message: str) -> None:
+    """A listener that fails (a closed connection) must not fail the job."""
+    try:
+        await listener(value, total, message)
+    except Exception as exc:  # whatever a closed or broken transport raises
+        logger.debug("progress listener failed: %s", type(exc).__name__)

@@ -1,0 +1,147 @@
+"""Edits that outlive the host's tool-call timeout: jobs, get_result, cancel_job, restarts —
+through the real mcp client over stdio against the loopback fal emulator with long model latency."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from .conftest import server_env, stdio_client, text_of
+
+pytestmark = pytest.mark.anyio
+
+EDIT = {"prompt": "make it night", "seed": 5, "num_inference_steps": 8}
+
+
+def _env(tmp_path: Path, emulator: Any, budget: str = "1") -> dict[str, str]:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    return server_env(tmp_path, **emulator.env(), FLUX_MCP_CALL_BUDGET_S=budget)
+
+
+async def _collect(client: Any, job_id: str, limit_s: float = 30) -> Any:
+    """get_result until the job is no longer running (each call waits at most the 1 s budget)."""
+    with anyio.fail_after(limit_s):
+        while True:
+            result = await client.call_tool("get_result", {"job_id": job_id, "wait_s": 5})
+            job = (result.structured_content or {}).get("job")
+            if result.is_error or not job or job["state"] not in ("queued", "running"):
+                return result
+
+
+def _blocks(result: Any) -> list[tuple[str, Any]]:
+    """A result's content in comparable form (type + payload)."""
+    out = []
+    for block in result.content:
+        payload = (
+            getattr(block, "text", None) or getattr(block, "data", None) or str(getattr(block, "uri", ""))
+        )
+        out.append((block.type, payload))
+    return out
+
+
+async def test_short_calls_are_unchanged(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+    async with stdio_client(_env(tmp_path, emulator, budget="30")) as client:
+        result = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
+    assert not result.is_error
+    assert result.structured_content["job"] is None and len(result.structured_content["images"]) == 1
+    assert "get_result" not in text_of(result)
+
+
+async def test_a_call_past_its_budget_becomes_a_job_that_get_result_collects(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    emulator.latency_s = 2.5
+    progress: list[str] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append(message or "")
+
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        with anyio.fail_after(10):
+            pending = await client.call_tool(
+                "edit_image", {**EDIT, "image_urls": [str(input_png)]}, progress_callback=on_progress
+            )
+        assert not pending.is_error, text_of(pending)
+        job = pending.structured_content["job"]
+        assert job["state"] in ("queued", "running") and job["id"].startswith("job-")
+        assert "get_result" in text_of(pending) and job["id"] in text_of(pending)
+        assert pending.structured_content["images"] == []
+        assert progress, "progress was forwarded while the call was open"
+
+        early = await client.call_tool("get_result", {"job_id": job["id"]})
+        assert not early.is_error and early.structured_content["job"]["id"] == job["id"]
+
+        done = await _collect(client, job["id"])
+        assert not done.is_error, text_of(done)
+        again = await client.call_tool("get_result", {"job_id": job["id"]})
+
+    out = done.structured_content
+    assert out["job"] is None and len(out["images"]) == 1 and Path(out["images"][0]["path"]).is_file()
+    assert [b[0] for b in _blocks(done)] == ["text", "image", "resource_link"]
+    assert _blocks(again) == _blocks(done)
+    assert len(emulator.submissions) == 1, "the job ran once; get_result only collects"
+    record = json.loads((tmp_path / "out" / "jobs" / f"{job['id']}.json").read_text())
+    assert record["info"]["state"] == "done" and list(record["remote"]) == [
+        emulator.submissions[0].request_id
+    ]
+
+
+async def test_cancel_job_reaches_fals_cancel(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+    emulator.latency_s = 30
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        pending = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
+        job_id = pending.structured_content["job"]["id"]
+        cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
+        after = await client.call_tool("get_result", {"job_id": job_id})
+        unknown = await client.call_tool("get_result", {"job_id": "job-20200101-000000-00000000"})
+        bogus = await client.call_tool("cancel_job", {"job_id": "../../etc/passwd"})
+    assert cancelled.structured_content["job"]["state"] == "cancelled"
+    assert emulator.cancellations == [emulator.submissions[0].request_id]
+    assert after.is_error and "cancelled" in text_of(after)
+    assert unknown.is_error and "No job" in text_of(unknown)
+    assert bogus.is_error and "not a job id" in text_of(bogus)
+    assert list((tmp_path / "out").glob("*.png")) == []
+
+
+async def test_a_finished_job_survives_a_restart_with_the_same_content(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    emulator.latency_s = 1.5
+    env = _env(tmp_path, emulator)
+    async with stdio_client(env) as client:
+        pending = await client.call_tool(
+            "compare_seeds", {"prompt": EDIT["prompt"], "image_urls": [str(input_png)], "seeds": [1, 2]}
+        )
+        assert pending.structured_content, text_of(pending)
+        job_id = pending.structured_content["job"]["id"]
+        before = await _collect(client, job_id)
+    assert not before.is_error, text_of(before)
+    async with stdio_client(env) as client:
+        after = await client.call_tool("get_result", {"job_id": job_id})
+    assert _blocks(after) == _blocks(before)
+    assert after.structured_content == before.structured_content
+    assert len(emulator.submissions) == 2
+
+
+async def test_a_hosted_job_running_at_restart_is_resumed_by_its_request_id(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    emulator.latency_s = 3
+    env = _env(tmp_path, emulator)
+    async with stdio_client(env) as client:
+        pending = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
+        job_id = pending.structured_content["job"]["id"]
+    # The server is gone; fal's job was left running, not cancelled.
+    assert emulator.cancellations == []
+    record = json.loads((tmp_path / "out" / "jobs" / f"{job_id}.json").read_text())
+    assert record["info"]["state"] == "running" and record["remote"]
+    async with stdio_client(env) as client:
+        done = await _collect(client, job_id)
+    assert not done.is_error, text_of(done)
+    assert len(emulator.submissions) == 1, "resumed, not submitted again"
+    (image,) = done.structured_content["images"]
+    assert Path(image["path"]).is_file() and image["seed"] == EDIT["seed"]
