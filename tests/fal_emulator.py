@@ -68,7 +68,7 @@ _REQUEST_PATH = re.compile(r"^/(?P<app>[^/]+/[^/]+)/requests/(?P<id>[^/]+)(?P<ta
 
 @dataclass(frozen=True)
 class Submission:
-    """One accepted submit: the app path, the JSON body, the id given, the headers (no Authorization)."""
+    """One accepted submit: app path, JSON body, the id given, headers (lower-case, no Authorization)."""
 
     app: str
     payload: dict[str, Any]
@@ -517,6 +517,7 @@ class _TLSServer(ThreadingHTTPServer):
     emulator: FalEmulator
 
     def server_bind(self) -> None:
+        # The earliest hook of TCPServer.__init__: the live-connection set must exist before serving.
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().server_bind()

@@ -190,3 +190,44 @@ async def test_cost_ceiling_refuses_before_anything_is_sent(
     assert refused.is_error and "FLUX_MCP_MAX_COST_USD" in text_of(refused) and "$0.10" in text_of(refused)
     assert not allowed.is_error
     assert len(emulator.submissions) == 1 and emulator.uploads and len(emulator.uploads) == 1
+
+
+async def test_the_example_agent_pipeline_runs_against_the_emulator(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    env = _env(tmp_path, emulator)
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "examples" / "agent_pipeline.py"),
+                str(input_png),
+                "--prompt",
+                "S2P paint",
+                "--lora",
+                "https://cdn.example/s2p.safetensors:0.9",
+                "--count",
+                "3",
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    final = Path(done.stdout.strip().splitlines()[-1].removeprefix("final image: "))
+    assert final.is_file()
+    compares, last = emulator.submissions[:3], emulator.submissions[3]
+    assert all(s.payload["acceleration"] == "high" for s in compares)  # the draft preset
+    picked = int(done.stdout.split("picked seed ")[1].split()[0])
+    assert last.payload["seed"] == picked and last.payload["num_inference_steps"] == 50
+    assert last.payload["loras"] == [{"path": "https://cdn.example/s2p.safetensors", "scale": 0.9}]
+    # chained: the picked result was uploaded as the input of the final edit
+    assert emulator.uploads[-1][1] in {p.read_bytes() for p in (tmp_path / "out").glob("*.png")}

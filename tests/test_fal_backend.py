@@ -49,6 +49,7 @@ def emu(shared_emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch) -> FalEmu
     emulator = shared_emulator
     emulator.reset()
     emulator.latency_s = emulator.queue_s = 0.0
+    emulator.flag_nsfw = False
     monkeypatch.setenv("SSL_CERT_FILE", emulator.ca_path)
     for name in ("QUEUE_URL_FORMAT", "RUN_URL_FORMAT"):
         monkeypatch.setattr(fal_client.client, name, emulator.base_url + "/")
@@ -194,11 +195,12 @@ async def test_urls_pass_through_unchanged_and_order_is_kept(
 async def test_sync_mode_images_come_back_inline(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
+    emu.flag_nsfw = True
     result = await make_backend().edit(
         request(seed=5, sync_mode=True, output_format="webp"), [local_input()], Recorder()
     )
     [image] = result.images
-    assert image.source_url is None and image.content_type == "image/webp"
+    assert image.source_url is None and image.content_type == "image/webp" and image.nsfw is True
     assert decoded(image.data).format == "WEBP"
     assert not any(path.startswith("/files/") for method, path, _ in emu.log if method == "GET")
 
@@ -253,7 +255,9 @@ async def test_a_detached_run_is_left_running_on_fal_and_collected_later(
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(make_backend().edit, request(seed=4), [local_input()], Recorder())
-            await wait_for_submissions(emu, 1)
+            with anyio.fail_after(10):
+                while not announced:
+                    await anyio.sleep(0.02)
             group.cancel_scope.cancel()
     finally:
         run_hooks.reset(token)

@@ -279,6 +279,7 @@ def test_env_lets_an_unpatched_subprocess_reach_the_emulator(emu: FalEmulator) -
         [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == "4", done.stderr
+    assert emu.wait_until(lambda: emu.submissions, timeout=1)
     assert emu.submissions[0].payload["seed"] == 4
 
 

@@ -17,11 +17,10 @@ import anyio
 import numpy as np
 import pytest
 import torch
-from platformdirs import user_cache_dir
 from PIL import Image
+from platformdirs import user_cache_dir
 
-from flux_mcp.backends import BackendResult, InputImage
-from flux_mcp.backends import cns
+from flux_mcp.backends import BackendResult, InputImage, cns
 from flux_mcp.backends.local import LocalBackend
 from flux_mcp.backends.tiny import make_example_image, make_lora_state_dict, save_lora, save_tiny_model
 from flux_mcp.config import APP, Settings
@@ -297,7 +296,9 @@ async def test_pickle_loras_are_refused(backend: LocalBackend, tmp_path: Path) -
 
     disguised = tmp_path / "disguised.safetensors"
     disguised.write_bytes(pickled.read_bytes())
-    with pytest.raises(InvalidRequest, match="disguised.safetensors is not a safetensors file") as by_content:
+    with pytest.raises(
+        InvalidRequest, match=r"disguised\.safetensors is not a safetensors file"
+    ) as by_content:
         await edit(backend, request(loras=[{"path": str(disguised)}]))
     assert by_content.value.field == "loras.0.path"
 

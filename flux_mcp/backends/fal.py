@@ -7,8 +7,10 @@ output image is downloaded with a size limit. Every foreign failure (fal-client,
 converted here, once, into the error tree of ``flux_mcp.errors``; no message ever carries the key.
 
 Jobs are bounded by ``job_timeout_s`` and cancelled on fal when they time out or when the awaiting
-task is cancelled. A semaphore shared by the whole backend keeps at most ``fal_concurrency`` jobs
-in flight, across concurrent calls and ``edit_seeds`` runs alike.
+task is cancelled, unless the job runner's ``run_hooks`` say the server is detaching: then they are
+left running, their request ids (reported through ``run_hooks.submitted``) let ``collect`` finish
+them after a restart. A semaphore shared by the whole backend keeps at most ``fal_concurrency``
+jobs in flight, across concurrent calls and ``edit_seeds`` runs alike.
 
 This module knows nothing about MCP, presets or the result store, and never imports torch.
 """
@@ -181,8 +183,9 @@ class FalBackend:
                         handle = await self._retrying(
                             "submit", lambda: self._fal.submit(ENDPOINT_ID, arguments)
                         )
-                        if hooks.submitted is not None:
-                            await hooks.submitted(handle.request_id, request.seed)
+                        if hooks.submitted is not None:  # shielded: a job fal accepted is always recorded
+                            with anyio.CancelScope(shield=True):
+                                await hooks.submitted(handle.request_id, request.seed)
                     completed, queue_s = await self._poll(handle, report)
                     finished = True  # fal holds nothing more for us: no cancel from here on
                     if completed.error:
@@ -420,22 +423,15 @@ class FalBackend:
         return BackendError(f"fal answered HTTP {code} to the {what} request: {text}")
 
     def _validation_error(self, detail: list[Any]) -> InvalidRequest:
+        """fal's 422 ``detail[]`` as one message naming every field (``loc`` minus "body")."""
         problems, fields = [], []
         for item in detail:
-            loc = (
-                [str(part) for part in item.get("loc", []) if part != "body"]
-                if isinstance(item, dict)
-                else []
-            )
-            name = ".".join(loc) or "request"
-            message = (
-                self._scrub(str(item.get("msg", "invalid value"))) if isinstance(item, dict) else str(item)
-            )
+            entry = item if isinstance(item, dict) else {"msg": item}
+            name = ".".join(str(part) for part in entry.get("loc", []) if part != "body") or "request"
             fields.append(name)
-            problems.append(f"{name}: {message} — change {name}")
-        return InvalidRequest(
-            "fal rejected the request: " + "; ".join(problems), field=fields[0] if fields else None
-        )
+            problems.append(f"{name}: {self._scrub(str(entry.get('msg', 'invalid value')))} — change {name}")
+        message = "fal rejected the request: " + "; ".join(problems)
+        return InvalidRequest(message, field=fields[0] if fields else None)
 
     def _scrub(self, text: str) -> str:
         """Server text, shortened, with any piece of the key blanked out."""

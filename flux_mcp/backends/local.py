@@ -286,11 +286,10 @@ class LocalBackend:
                     await progress(0, total, f"{message}: {time.perf_counter() - started:.0f} s")
 
             tg.start_soon(heartbeat)
-            try:
-                # Not abandoned on cancellation: a half-loaded model must not keep loading unseen.
-                self._engine = await anyio.to_thread.run_sync(_Engine.load, self.settings)
-            finally:
-                tg.cancel_scope.cancel()
+            # Not abandoned on cancellation: a half-loaded model must not keep loading unseen.
+            loaded = await anyio.to_thread.run_sync(_captured, _Engine.load, self.settings)
+            tg.cancel_scope.cancel()
+        self._engine = _unboxed(loaded)
         timings["load_model"] = time.perf_counter() - started
         return self._engine
 
@@ -550,13 +549,6 @@ def _notifier(progress: Progress, total: int) -> Callable[[float, str], None]:
 
 async def _in_worker(run: Callable[[_Job], T], job: _Job) -> T:
     """``run(job)`` in a worker thread. Cancelled, it flags the job, waits for the thread and re-raises."""
-    box: list[tuple[bool, Any]] = []
-
-    def guarded() -> None:
-        try:
-            box.append((True, run(job)))
-        except BaseException as exc:  # carried out of the task group unwrapped, re-raised below
-            box.append((False, exc))
 
     async def flag_on_cancel() -> None:
         try:
@@ -567,14 +559,26 @@ async def _in_worker(run: Callable[[_Job], T], job: _Job) -> T:
     async with anyio.create_task_group() as tg:
         tg.start_soon(flag_on_cancel)
         # Not abandoned: the thread holds the GPU until its step ends, and the next job must wait for it.
-        await anyio.to_thread.run_sync(guarded)
+        outcome = await anyio.to_thread.run_sync(_captured, run, job)
         tg.cancel_scope.cancel()
-    ok, value = box[0]
-    if ok:
-        return value
-    if isinstance(value, _Interrupted):  # the cancellation did not reach us: do not pass it on silently
-        raise JobFailed("the local run was interrupted")
-    raise value
+    if not outcome[0] and isinstance(outcome[1], _Interrupted):
+        raise JobFailed("the local run was interrupted")  # flagged, yet no cancellation reached us
+    return _unboxed(outcome)
+
+
+def _captured(fn: Callable[..., T], *args: Any) -> tuple[bool, Any]:
+    """(True, result) or (False, exception): errors leave a task group unwrapped (no ExceptionGroup)."""
+    try:
+        return True, fn(*args)
+    except Exception as exc:
+        return False, exc
+
+
+def _unboxed(outcome: tuple[bool, Any]) -> Any:
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
 
 
 async def _quiet(progress: float, total: float | None, message: str) -> None:

@@ -1,0 +1,300 @@
+"""Crash safety: kill -9 a flux-mcp server subprocess mid-call, restart it on the same output folder.
+
+After a restart the output folder holds only complete results (image + sidecar), no temp file of a
+dead process survives, and every result stored before the crash is served again by its id with the
+same bytes. The kills are real SIGKILLs of the server process, found among this test process's
+children; the "while saving" kill freezes the server (SIGSTOP) the moment a temp file appears, so the
+kill provably lands mid-write.
+
+This module knows the store's documented file layout (``<id>.<ext>`` + ``<id>.json``, temp files
+``.tmp-<pid>-*``) and the tools' public behaviour, nothing else of the product.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+from mcp import Client
+from PIL import Image
+
+from .conftest import data_uri, make_png, server_env, stdio_client, text_of
+
+pytestmark = pytest.mark.anyio
+
+EDIT = {"prompt": "make it a linocut", "num_inference_steps": 8}
+#: The store keeps an image without a sidecar this long (a write in progress in another process).
+ORPHAN_GRACE_S = 60
+IMAGE_EXTS = (".png", ".jpg", ".webp")
+
+
+def _env(tmp_path: Path, emulator: Any, **extra: str) -> dict[str, str]:
+    (tmp_path / "inputs").mkdir(exist_ok=True)
+    return server_env(tmp_path, **emulator.env(), **extra)
+
+
+def _flux_children() -> set[int]:
+    return {
+        p.pid
+        for p in psutil.Process().children(recursive=True)
+        if any("flux_mcp" in part for part in _cmdline(p))
+    }
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+        return []
+
+
+@asynccontextmanager
+async def _server(env: dict[str, str]) -> AsyncIterator[tuple[Client, psutil.Process]]:
+    """A stdio server subprocess and its process handle (the new flux_mcp child of this process)."""
+    before = _flux_children()
+    async with stdio_client(env) as client:
+        (pid,) = _flux_children() - before
+        yield client, psutil.Process(pid)
+
+
+async def _edit(client: Client, seed: int, **extra: Any) -> Any:
+    with anyio.fail_after(20):
+        result = await client.call_tool(
+            "edit_image", {**EDIT, "seed": seed, "image_urls": [data_uri(make_png())], **extra}
+        )
+    assert not result.is_error, text_of(result)
+    return result
+
+
+async def _blob(client: Client, uri: str) -> bytes:
+    with anyio.fail_after(10):
+        resource = await client.read_resource(uri)
+    return base64.b64decode(resource.contents[0].blob)
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has certainly exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(10)
+    return proc.pid
+
+
+def _kill(proc: psutil.Process) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+
+def _temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob(".tmp-*")] if out.is_dir() else []
+
+
+def _committed(out: Path) -> dict[str, Path]:
+    """Results whose sidecar landed (the store's commit marker), each checked to have its image."""
+    found = {}
+    for sidecar in out.glob("*.json"):
+        record = json.loads(sidecar.read_text())
+        image = out / record["file"]
+        assert image.is_file() and image.stat().st_size > 0, f"{sidecar.name} has no image"
+        found[record["id"]] = image
+    return found
+
+
+def _orphans(out: Path) -> list[Path]:
+    """Images without a sidecar (not stored: the sidecar is the commit marker)."""
+    return [p for p in out.iterdir() if p.suffix in IMAGE_EXTS and not p.with_suffix(".json").exists()]
+
+
+async def _assert_only_complete_results(client: Client, out: Path, dead_pid: int) -> None:
+    """No temp file of the dead server; every sidecar has its image; a lone image (only possible when
+    the kill fell between the two renames) is young, and is not served as a result."""
+    assert not [p for p in _temp_files(out) if p.name.startswith(f".tmp-{dead_pid}-")]
+    _committed(out)
+    for orphan in _orphans(out):
+        assert time.time() - orphan.stat().st_mtime < ORPHAN_GRACE_S
+        with anyio.fail_after(10):
+            result = await client.call_tool("edit_image", {**EDIT, "image_urls": [f"flux://images/{orphan.stem}"]})
+        assert result.is_error and "No stored image" in text_of(result)
+
+
+def _settled(out: Path, timeout: float = 20.0) -> bool:
+    """Wait until no write is in progress (no temp files, no lone images) — a restarted server may be
+    finishing a resumed job meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _temp_files(out) and not _orphans(out):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_kill_during_a_running_edit_then_restart_serves_every_earlier_result(
+    tmp_path: Path, emulator: Any
+) -> None:
+    env = _env(tmp_path, emulator)
+    out = tmp_path / "out"
+    async with _server(env) as (client, proc):
+        earlier = [(await _edit(client, seed)).structured_content["images"][0] for seed in (1, 2)]
+        served = {img["id"]: await _blob(client, img["uri"]) for img in earlier}
+        emulator.latency_s = 3.0  # the next job is mid-flight on "fal" when the server dies
+        ended: list[BaseException | Any] = []
+
+        async def doomed_call() -> None:
+            try:
+                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 3, "image_urls": [data_uri(make_png())]}))
+            except Exception as exc:  # the transport reports the dead server
+                ended.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(doomed_call)
+            with anyio.fail_after(10):
+                while len(emulator.submissions) < 3:
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.3)
+            killed_at = time.monotonic()
+            _kill(proc)
+            with anyio.fail_after(10):  # the pending call must end, not hang
+                while not ended:
+                    await anyio.sleep(0.02)
+        assert time.monotonic() - killed_at < 5
+        assert not hasattr(ended[0], "is_error"), "the call cannot have succeeded: its server was killed"
+        dead = proc.pid
+    assert {img["id"]: Path(img["path"]).read_bytes() for img in earlier} == served
+
+    emulator.latency_s = 0.0
+    async with _server(env) as (client, _):
+        for image_id, data in served.items():
+            assert await _blob(client, f"flux://images/{image_id}") == data
+        await _assert_only_complete_results(client, out, dead)
+        after = (await _edit(client, 4)).structured_content["images"][0]
+        assert await _blob(client, after["uri"]) == Path(after["path"]).read_bytes()
+        assert await anyio.to_thread.run_sync(_settled, out)
+    assert not _temp_files(out) and not _orphans(out)
+    assert set(served) <= set(_committed(out))
+
+
+def _noise_png(side: int) -> bytes:
+    """Noise compresses badly, so the server's writes are big enough to be caught in the act."""
+    buffer = io.BytesIO()
+    Image.effect_noise((side, side), 80).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _FreezeOnTempFile:
+    """Watches the output folder from a thread and SIGSTOPs the server the moment a temp image file
+    appears, so the following SIGKILL provably lands while the store is writing."""
+
+    def __init__(self, out: Path, proc: psutil.Process) -> None:
+        self.out, self.proc = out, proc
+        self.snapshot: list[str] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> _FreezeOnTempFile:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _watch(self) -> None:
+        prefix = f".tmp-{self.proc.pid}-"
+        deadline = time.monotonic() + 30
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            with os.scandir(self.out) as entries:
+                names = [e.name for e in entries]
+            if any(n.startswith(prefix) and n.endswith(IMAGE_EXTS) for n in names):
+                self.proc.send_signal(signal.SIGSTOP)
+                self.snapshot = sorted(os.listdir(self.out))
+                return
+
+
+async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
+    tmp_path: Path, emulator: Any
+) -> None:
+    env = _env(tmp_path, emulator, FLUX_MCP_FAL_UPLOAD="data-uri")
+    out = tmp_path / "out"
+    big = {"num_images": 4, "image_size": {"width": 1024, "height": 1024}, "image_urls": [data_uri(_noise_png(256))]}
+    async with _server(env) as (client, proc):
+        first = (await _edit(client, 5)).structured_content["images"][0]
+        first_bytes = await _blob(client, first["uri"])
+        ended: list[Any] = []
+
+        async def doomed_call() -> None:
+            try:
+                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 6, **big}))
+            except Exception as exc:
+                ended.append(exc)
+
+        with _FreezeOnTempFile(out, proc) as freezer:
+            async with anyio.create_task_group() as group:
+                group.start_soon(doomed_call)
+                with anyio.fail_after(30):
+                    while freezer.snapshot is None and not ended:
+                        await anyio.sleep(0.01)
+                _kill(proc)
+                with anyio.fail_after(10):
+                    while not ended:
+                        await anyio.sleep(0.02)
+        snapshot = freezer.snapshot
+        dead = proc.pid
+    # The server died mid-write: a temp image file was on disk at the moment of the kill.
+    assert snapshot is not None, f"the call finished before the store wrote anything: {ended}"
+    assert any(n.startswith(f".tmp-{dead}-") for n in snapshot), snapshot
+    assert any(p.name.startswith(f".tmp-{dead}-") for p in _temp_files(out)), "the kill left no temp file"
+
+    async with _server(env) as (client, _):
+        await _assert_only_complete_results(client, out, dead)
+        assert await _blob(client, first["uri"]) == first_bytes
+        await _edit(client, 7)
+        assert await anyio.to_thread.run_sync(_settled, out)
+    assert not _temp_files(out) and not _orphans(out)
+    for image_id, path in _committed(out).items():
+        with Image.open(path) as img:
+            img.load()  # every committed image is whole
+        assert json.loads(path.with_suffix(".json").read_text())["id"] == image_id
+
+
+@pytest.fixture
+def planted(tmp_path: Path) -> Iterator[dict[str, Path]]:
+    """Leftovers as a crashed writer leaves them, and a live writer's temp file (must survive)."""
+    out = tmp_path / "out"
+    (out / "jobs").mkdir(parents=True)
+    dead = _dead_pid()
+    files = {
+        "dead_image_tmp": out / f".tmp-{dead}-0a1b2c3d4e5f-20260101-000000-0a1b2c3d.png",
+        "dead_sidecar_tmp": out / f".tmp-{dead}-0a1b2c3d4e5f-20260101-000000-0a1b2c3d.json",
+        "dead_job_tmp": out / "jobs" / f".tmp-{dead}-0a1b2c3d-job-20260101-000000-0a1b2c3d.json",
+        "old_orphan": out / "20260101-000000-deadbeef.png",
+        "live_tmp": out / f".tmp-{os.getpid()}-0a1b2c3d4e5f-20260101-000000-00000000.png",
+    }
+    for path in files.values():
+        path.write_bytes(make_png(8, 8))
+    old = time.time() - 3 * ORPHAN_GRACE_S
+    os.utime(files["old_orphan"], (old, old))
+    yield files
+
+
+async def test_a_restarted_server_sweeps_what_dead_writers_left(
+    tmp_path: Path, emulator: Any, planted: dict[str, Path]
+) -> None:
+    async with _server(_env(tmp_path, emulator)) as (client, _):
+        await client.list_tools()  # the server has started (and swept) before it answers
+        stored = (await _edit(client, 8)).structured_content["images"][0]
+    gone = {name for name, path in planted.items() if not path.exists()}
+    assert gone == {"dead_image_tmp", "dead_sidecar_tmp", "dead_job_tmp", "old_orphan"}
+    assert Path(stored["path"]).is_file()
