@@ -21,7 +21,6 @@ This module knows nothing about MCP; the server renders what it returns.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -48,6 +47,7 @@ from .service import (
     ProgressFn,
     public_params,
 )
+from .store import sweep_partial, write_atomic
 
 __all__ = ["Job", "JobManager", "JobRecord"]
 
@@ -110,7 +110,11 @@ class JobManager:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[JobManager]:
-        await anyio.to_thread.run_sync(lambda: self.root.mkdir(parents=True, exist_ok=True))
+        def prepare() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            sweep_partial(self.root)
+
+        await anyio.to_thread.run_sync(prepare)
         async with anyio.create_task_group() as group:
             self._group = group
             await self._resume_unfinished()
@@ -313,12 +317,7 @@ class JobManager:
         data = job.record.model_dump_json(indent=2).encode()
         path = self.root / f"{job.id}.json"
 
-        def write() -> None:
-            tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-
-        await anyio.to_thread.run_sync(write)
+        await anyio.to_thread.run_sync(write_atomic, path, data)
 
 
 async def _safe(listener: ProgressFn, value: float, total: float | None, message: str) -> None:

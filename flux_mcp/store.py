@@ -26,7 +26,15 @@ from typing import Any
 
 from .errors import ConfigError, NotFound
 
-__all__ = ["EXTENSIONS", "ID_PATTERN", "ResultStore", "StoredFile", "image_uri"]
+__all__ = [
+    "EXTENSIONS",
+    "ID_PATTERN",
+    "ResultStore",
+    "StoredFile",
+    "image_uri",
+    "sweep_partial",
+    "write_atomic",
+]
 
 ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
@@ -85,9 +93,9 @@ class ResultStore:
             raise ValueError(f"unsupported content type {content_type!r}")
         path = self.root / f"{image_id}{ext}"
         record = {"id": image_id, "file": path.name, "content_type": content_type, **sidecar}
-        self._write_atomic(path, data)
+        write_atomic(path, data)
         try:
-            self._write_atomic(self._sidecar_path(image_id), _to_json(record))
+            write_atomic(self._sidecar_path(image_id), _to_json(record))
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -121,16 +129,11 @@ class ResultStore:
         """Remove leftovers of crashed writers; returns how many files went."""
         if not self.root.is_dir():
             return 0
-        removed = 0
+        removed = sweep_partial(self.root)
         now = time.time()
         for entry in self.root.iterdir():
-            name = entry.name
             try:
-                if name.startswith(_TMP_PREFIX):
-                    if not _pid_alive(_tmp_owner(name)):
-                        entry.unlink()
-                        removed += 1
-                elif entry.suffix in _CONTENT_TYPES and ID_PATTERN.match(entry.stem):
+                if entry.suffix in _CONTENT_TYPES and ID_PATTERN.match(entry.stem):
                     orphan = not self._sidecar_path(entry.stem).exists()
                     if orphan and now - entry.stat().st_mtime > _ORPHAN_AGE_S:
                         entry.unlink()
@@ -142,20 +145,33 @@ class ResultStore:
     def _sidecar_path(self, image_id: str) -> Path:
         return self.root / f"{image_id}.json"
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
-        try:
-            with open(tmp, "xb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            # Results are meant to be opened by the user's other apps; mkstemp-style 0600 is too tight.
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        # Results are meant to be opened by the user's other apps; mkstemp-style 0600 is too tight.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def sweep_partial(folder: Path) -> int:
+    """Remove the temp files of writers that are no longer alive; returns how many went."""
+    removed = 0
+    for entry in folder.glob(f"{_TMP_PREFIX}*"):
+        if not _pid_alive(_tmp_owner(entry.name)):
             with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+                entry.unlink()
+                removed += 1
+    return removed
 
 
 def _to_json(record: dict[str, Any]) -> bytes:

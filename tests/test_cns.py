@@ -246,11 +246,29 @@ def test_gamma_cache_path_is_a_safe_file_name_per_model(tmp_path: Path) -> None:
 # The scheduler on its own
 
 
-def armed_scheduler(num_steps: int, **overrides: object) -> ColoredNoiseScheduler:
+def armed_scheduler(num_steps: int, seed: int = 7, **overrides: object) -> ColoredNoiseScheduler:
     scheduler = ColoredNoiseScheduler(shift=3.0)
     scheduler.set_timesteps(num_steps)
-    scheduler.configure_cns(params(**overrides), noise_generators([7], "cpu"), (32, 32))
+    scheduler.configure_cns(params(**overrides), noise_generators([seed], "cpu"), (32, 32))
     return scheduler
+
+
+def test_noise_depends_only_on_the_noise_generator() -> None:
+    sample, velocity = torch.randn(1, 32 * 32, 16), torch.randn(1, 32 * 32, 16)
+
+    def first_step(seed: int) -> torch.Tensor:
+        scheduler = armed_scheduler(8, seed=seed)
+        return scheduler.step(velocity, scheduler.timesteps[0], sample, return_dict=False)[0]
+
+    assert torch.equal(first_step(7), first_step(7))
+    assert not torch.allclose(first_step(7), first_step(8), atol=1e-3)
+
+
+def test_noise_generators_do_not_replay_the_initial_latent() -> None:
+    # The pipeline draws image i's starting noise from a generator seeded with seed i.
+    initial = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    injected = torch.randn(64, generator=noise_generators([5], "cpu")[0])
+    assert abs(float(torch.corrcoef(torch.stack([initial, injected]))[0, 1])) < 0.5
 
 
 def test_stochastic_step_follows_the_cns_update() -> None:

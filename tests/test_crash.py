@@ -19,7 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -118,27 +117,33 @@ def _orphans(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.suffix in IMAGE_EXTS and not p.with_suffix(".json").exists()]
 
 
-async def _assert_only_complete_results(client: Client, out: Path, dead_pid: int) -> None:
+async def _assert_only_complete_results(client: Client, out: Path, dead_pid: int) -> set[Path]:
     """No temp file of the dead server; every sidecar has its image; a lone image (only possible when
-    the kill fell between the two renames) is young, and is not served as a result."""
+    the kill fell between the image's and the sidecar's rename) is young and is not served as a
+    result. Returns those lone images."""
     assert not [p for p in _temp_files(out) if p.name.startswith(f".tmp-{dead_pid}-")]
     _committed(out)
-    for orphan in _orphans(out):
+    orphans = set(_orphans(out))
+    for orphan in orphans:
         assert time.time() - orphan.stat().st_mtime < ORPHAN_GRACE_S
         with anyio.fail_after(10):
-            result = await client.call_tool("edit_image", {**EDIT, "image_urls": [f"flux://images/{orphan.stem}"]})
+            result = await client.call_tool(
+                "edit_image", {**EDIT, "image_urls": [f"flux://images/{orphan.stem}"]}
+            )
         assert result.is_error and "No stored image" in text_of(result)
+    return orphans
 
 
-def _settled(out: Path, timeout: float = 20.0) -> bool:
-    """Wait until no write is in progress (no temp files, no lone images) — a restarted server may be
-    finishing a resumed job meanwhile."""
+def _settled(out: Path, allowed_orphans: set[Path], timeout: float = 20.0) -> list[Path]:
+    """Wait until no write is in progress: no temp files, no lone images but the dead writer's (kept
+    by the store's grace period); a restarted server may be finishing a resumed job meanwhile.
+    Returns what is still unsettled (empty when settled)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _temp_files(out) and not _orphans(out):
-            return True
+    while True:
+        left = _temp_files(out) + [p for p in _orphans(out) if p not in allowed_orphans]
+        if not left or time.monotonic() > deadline:
+            return left
         time.sleep(0.05)
-    return False
 
 
 async def test_kill_during_a_running_edit_then_restart_serves_every_earlier_result(
@@ -154,7 +159,11 @@ async def test_kill_during_a_running_edit_then_restart_serves_every_earlier_resu
 
         async def doomed_call() -> None:
             try:
-                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 3, "image_urls": [data_uri(make_png())]}))
+                ended.append(
+                    await client.call_tool(
+                        "edit_image", {**EDIT, "seed": 3, "image_urls": [data_uri(make_png())]}
+                    )
+                )
             except Exception as exc:  # the transport reports the dead server
                 ended.append(exc)
 
@@ -178,11 +187,11 @@ async def test_kill_during_a_running_edit_then_restart_serves_every_earlier_resu
     async with _server(env) as (client, _):
         for image_id, data in served.items():
             assert await _blob(client, f"flux://images/{image_id}") == data
-        await _assert_only_complete_results(client, out, dead)
+        leftovers = await _assert_only_complete_results(client, out, dead)
+        assert not leftovers, "nothing was being written when the server died"
         after = (await _edit(client, 4)).structured_content["images"][0]
         assert await _blob(client, after["uri"]) == Path(after["path"]).read_bytes()
-        assert await anyio.to_thread.run_sync(_settled, out)
-    assert not _temp_files(out) and not _orphans(out)
+        assert await anyio.to_thread.run_sync(_settled, out, set()) == []
     assert set(served) <= set(_committed(out))
 
 
@@ -193,34 +202,34 @@ def _noise_png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-class _FreezeOnTempFile:
-    """Watches the output folder from a thread and SIGSTOPs the server the moment a temp image file
-    appears, so the following SIGKILL provably lands while the store is writing."""
+#: Run as a separate process (its own GIL, so it is never starved by this process's threads): polls
+#: the folder and SIGSTOPs the server the moment one of its temp image files exists, then prints the
+#: folder's listing. A stop that lands after the rename is undone (SIGCONT) and it waits for the next.
+_FREEZER = """
+import json, os, signal, sys, time
+out, pid = sys.argv[1], int(sys.argv[2])
+prefix, exts, deadline = f".tmp-{pid}-", (".png", ".jpg", ".webp"), time.monotonic() + 30
+while time.monotonic() < deadline:
+    try:
+        names = os.listdir(out)
+    except FileNotFoundError:
+        names = []
+    if any(n.startswith(prefix) and n.endswith(exts) for n in names):
+        os.kill(pid, signal.SIGSTOP)
+        names = sorted(os.listdir(out))
+        if any(n.startswith(prefix) for n in names):
+            print(json.dumps(names), flush=True)
+            sys.exit(0)
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.0002)
+sys.exit(1)
+"""
 
-    def __init__(self, out: Path, proc: psutil.Process) -> None:
-        self.out, self.proc = out, proc
-        self.snapshot: list[str] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def __enter__(self) -> _FreezeOnTempFile:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _watch(self) -> None:
-        prefix = f".tmp-{self.proc.pid}-"
-        deadline = time.monotonic() + 30
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            with os.scandir(self.out) as entries:
-                names = [e.name for e in entries]
-            if any(n.startswith(prefix) and n.endswith(IMAGE_EXTS) for n in names):
-                self.proc.send_signal(signal.SIGSTOP)
-                self.snapshot = sorted(os.listdir(self.out))
-                return
+def _start_freezer(out: Path, pid: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _FREEZER, str(out), str(pid)], stdout=subprocess.PIPE, text=True
+    )
 
 
 async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
@@ -228,7 +237,11 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
 ) -> None:
     env = _env(tmp_path, emulator, FLUX_MCP_FAL_UPLOAD="data-uri")
     out = tmp_path / "out"
-    big = {"num_images": 4, "image_size": {"width": 1024, "height": 1024}, "image_urls": [data_uri(_noise_png(256))]}
+    big = {
+        "num_images": 4,
+        "image_size": {"width": 1024, "height": 1024},
+        "image_urls": [data_uri(_noise_png(256))],
+    }
     async with _server(env) as (client, proc):
         first = (await _edit(client, 5)).structured_content["images"][0]
         first_bytes = await _blob(client, first["uri"])
@@ -240,29 +253,32 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
             except Exception as exc:
                 ended.append(exc)
 
-        with _FreezeOnTempFile(out, proc) as freezer:
+        freezer = _start_freezer(out, proc.pid)
+        try:
             async with anyio.create_task_group() as group:
                 group.start_soon(doomed_call)
                 with anyio.fail_after(30):
-                    while freezer.snapshot is None and not ended:
+                    while freezer.poll() is None and not ended:
                         await anyio.sleep(0.01)
                 _kill(proc)
                 with anyio.fail_after(10):
                     while not ended:
                         await anyio.sleep(0.02)
-        snapshot = freezer.snapshot
+        finally:
+            freezer.kill()
+            listing = freezer.communicate()[0]
+        snapshot = json.loads(listing) if listing.strip() else None
         dead = proc.pid
     # The server died mid-write: a temp image file was on disk at the moment of the kill.
-    assert snapshot is not None, f"the call finished before the store wrote anything: {ended}"
+    assert snapshot is not None, f"the store was never caught writing: {[type(e).__name__ for e in ended]}"
     assert any(n.startswith(f".tmp-{dead}-") for n in snapshot), snapshot
     assert any(p.name.startswith(f".tmp-{dead}-") for p in _temp_files(out)), "the kill left no temp file"
 
     async with _server(env) as (client, _):
-        await _assert_only_complete_results(client, out, dead)
+        leftovers = await _assert_only_complete_results(client, out, dead)
         assert await _blob(client, first["uri"]) == first_bytes
         await _edit(client, 7)
-        assert await anyio.to_thread.run_sync(_settled, out)
-    assert not _temp_files(out) and not _orphans(out)
+        assert await anyio.to_thread.run_sync(_settled, out, leftovers) == []
     for image_id, path in _committed(out).items():
         with Image.open(path) as img:
             img.load()  # every committed image is whole

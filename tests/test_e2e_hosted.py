@@ -243,3 +243,30 @@ async def test_the_key_never_appears_in_results_logs_or_sidecars(
     texts = [*seen, log.read_text()] + [p.read_text() for p in (tmp_path / "out").glob("*.json")]
     assert len(texts) >= 5
     assert not any(secret in t for t in texts)
+
+
+async def test_every_cns_field_reaches_the_endpoint_unchanged(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+    cns = {
+        "enable_cns": True,
+        "cns_s_churn": 1.25,
+        "cns_gamma_source": "approximation",
+        "cns_power_gamma": 2.5,
+        "cns_gamma_divider": 25.0,
+        "cns_alpha_tilt_start": -1.5,
+        "cns_alpha_tilt_end": 1.75,
+        "cns_alpha_use_fnorm": False,
+        "cns_alpha_exp_interp": False,
+        "cns_alpha_exp_sharpness": 9.5,
+        "cns_num_freq_bins": 96,
+        "cns_energy_scale": 1.4,
+    }
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        result = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)], **cns})
+        preset = await client.call_tool(
+            "edit_image", {**EDIT, "image_urls": [str(input_png)], "preset": "cns_guided", "cns_s_churn": 0.3}
+        )
+    assert not result.is_error and not preset.is_error
+    sent = emulator.submissions[0].payload
+    assert {k: sent[k] for k in cns} == cns
+    guided = emulator.submissions[1].payload
+    assert guided["enable_cns"] is True and guided["cns_gamma_divider"] == 25 and guided["cns_s_churn"] == 0.3

@@ -71,9 +71,7 @@ CASES = [
     Case("file-503-burst", (Fault("file", "http", 2, {"status": 503}),), "ok", 6),
     Case("upload-503-burst", (Fault("upload", "http", 2, {"status": 503}),), "ok", 8),
     # Overload that never ends: a clear error, within the retry budget or the job deadline.
-    Case(
-        "submit-503-forever", (Fault("submit", "http", None, {"status": 503}),), ("overloaded", "503"), 6
-    ),
+    Case("submit-503-forever", (Fault("submit", "http", None, {"status": 503}),), ("overloaded", "503"), 6),
     Case("submit-429-forever", (Fault("submit", "http", None, {"status": 429}),), ("did not finish",), 8),
     # Connection resets: transport errors are retried.
     Case("submit-reset", (Fault("submit", "reset", 1),), "ok", 6),

@@ -33,6 +33,16 @@ pytestmark = pytest.mark.local
 # -- fixtures and helpers ----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's matrices are too small to split: threads only contend (seen: 4-15x slower
+    on a busy 2-core machine), so these tests run torch single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")

@@ -206,10 +206,11 @@ def analytic_gamma_matrix(sigmas: torch.Tensor | Sequence[float], num_bins: int)
 
 
 def resample_gamma(matrix: torch.Tensor, num_steps: int, num_bins: int) -> torch.Tensor:
-    """[paper] Map a (rows x bands) matrix onto ``num_steps`` x ``num_bins``.
+    """Map a (rows x bands) matrix onto ``num_steps`` x ``num_bins``.
 
-    Rows by progress, row = round(i / (N - 1) * (rows - 1)); bands by linear interpolation between
-    the first and the last band (a band's position is its normalised radius on both sides).
+    [paper] Rows by progress, row = round(i / (N - 1) * (rows - 1)) (halves round up).
+    [ours] Bands by linear interpolation with the first and last bands pinned (a band's position is
+    its normalised radius in both matrices), so a matrix measured with 32 bands serves any count.
     """
     matrix = matrix.to(torch.float32)
     rows, bands = matrix.shape
@@ -281,7 +282,10 @@ def calibrate_gamma(
     Runs the deterministic sampler once per seed (CNS off: the pipeline's scheduler is temporarily
     replaced by a recording stock Euler scheduler), records the clean prediction x̂0 at every step and
     the final sample, measures per-band progress, averages over seeds, and normalises each band over
-    time to [0, 1]. The paper averages >= 4096 samples; a handful of seeds gives a usable estimate.
+    time to [0, 1]. The paper averages >= 4096 samples; a handful of seeds gives a rough estimate.
+    [ours] Progress is measured where the noise is injected: on the packed tokens unpacked to the
+    (128-channel, h, w) grid of BatchNorm-normalised, 2x2-patchified latents, not on VAE latents.
+    Blocking (runs the whole pipeline len(seeds) times): call it from a worker thread.
     """
     if not seeds:
         raise ValueError("calibrate_gamma needs at least one seed")
@@ -291,7 +295,7 @@ def calibrate_gamma(
     total = torch.zeros(num_steps, num_bins)
     try:
         for seed in seeds:
-            recorder.clean_predictions = []
+            recorder.clean_predictions, recorder.final_sample = [], None
             generator = torch.Generator(device=pipe._execution_device).manual_seed(int(seed))
             output = pipe(
                 image=image,
@@ -303,6 +307,10 @@ def calibrate_gamma(
                 generator=generator,
                 output_type="latent",
             )
+            if recorder.final_sample is None or len(recorder.clean_predictions) != num_steps:
+                raise RuntimeError(
+                    f"calibration run ran {len(recorder.clean_predictions)} of {num_steps} steps"
+                )
             # The returned latents are unpatchified (C/4, 2h, 2w); the tokens live on the (h, w) grid.
             latent_h, latent_w = output.images.shape[-2:]
             grid = (latent_h // 2, latent_w // 2)

@@ -2,54 +2,46 @@
 
 The model (FLUX_MCP_MODEL: a Hugging Face id or a local directory) is loaded once, lazily, on the first
 edit, in a worker thread while progress messages say so, and kept. One GPU job runs at a time; waiting
-callers hear their place in the queue.
+callers hear their place in the queue. An edit, step by step (``LocalBackend._run``):
 
-One edit, step by step (``LocalBackend._run``, like diffusers' ``__call__``):
-
-1. check the request: refuse what cannot be honoured (InvalidRequest naming the field), note what has no
-   effect here;
-2. fetch and decode the inputs and fetch the LoRA files: network and disk work, done before the GPU is
-   taken so that no download holds up another job;
+1. check the request: refuse what cannot be honoured (naming the field), note what has no effect here;
+2. fetch and decode the inputs and fetch the LoRA files, before taking the GPU, so that no download
+   holds up another job;
 3. wait for the GPU; load the model (first edit only);
 4. LoRA adapters: load what is new, activate exactly this request's (``loras.AdapterCache``);
-5. encode the prompt and the negative prompt, once, for one image (the pipeline repeats embeddings);
-6. denoise: one batched pass with one CPU ``torch.Generator`` per image, so image i equals a single
-   run with its seed; a progress message per step;
+5. encode the prompt and the negative prompt once, for one image (the pipeline repeats embeddings);
+6. denoise: one batched pass with one CPU ``torch.Generator`` per image (image i = a single run with
+   its seed), a progress message per step;
 7. encode the outputs (png/jpeg/webp) off the event loop.
 
-Steps 4-6 run in one worker thread (``_Engine.run``). The event loop waits for it, relays its progress
-(``anyio.from_thread.run``) and, when the awaiting task is cancelled, sets a flag that the pipeline's
-step callback turns into an exception, so the run stops after the current step (no VAE decode of the
-partial result); the task waits for the thread (the GPU must be free for the next job) and re-raises.
+Steps 4-6 run in one worker thread (``_Engine.run``) that reports progress with
+``anyio.from_thread.run``. When the awaiting task is cancelled, a flag is set that the pipeline's step
+callback turns into an exception, so the run ends after the current step; the task waits for the
+thread (the next job needs the GPU free) and re-raises.
 
-How the fields that are not plain pipeline arguments are honoured:
+Fields that are not plain pipeline arguments:
 
-- ``negative_prompt``: encoded with ``pipe.encode_prompt`` and passed as ``negative_prompt_embeds``;
-  it only acts with true CFG (``guidance_scale > 1``), and a note says so otherwise.
-- ``image_size``: a preset or custom size, rounded to multiples of 2 x the VAE's scale factor (16 for
-  the real model); unset = the first input's size fitted to 1 MP, as the pipeline does with inputs.
-  A note gives the actual size whenever it differs from what was asked.
-- ``acceleration`` (verified against diffusers 0.42.1):
-    - ``none``: eager PyTorch, no cache;
-    - ``regular``: ``transformer.compile_repeated_blocks(fullgraph=True)`` (regional torch.compile of
-      the repeated blocks, once, on the first such run; exact). CUDA only: on the CPU, and with
-      FLUX_MCP_OFFLOAD=sequential, it runs eager and a note says so;
-    - ``high``: diffusers' TaylorSeer cache (``TaylorSeerCacheConfig``: after the first steps the
-      attention outputs are computed every few steps and extrapolated in between; approximate, for
-      drafts), on eager blocks. Not FirstBlockCache: in 0.42.1 it fails on FLUX.2 (its tail hook
-      subtracts the double block's tuple output from the single block's tensor: TypeError). Eager
-      because diffusers' cache hooks are ``torch.compiler.disable``d, which breaks a fullgraph compile.
-      The cache decides per batch, so with ``high`` a batched image may differ slightly from a single run.
+- ``negative_prompt``: ``pipe.encode_prompt`` → ``negative_prompt_embeds``; it only acts with true CFG
+  (``guidance_scale > 1``), and a note says so otherwise.
+- ``image_size``: rounded to multiples of 2 x the VAE scale factor (16 for the real model); unset = the
+  first input's size fitted to 1 MP, as the pipeline fits inputs. A note gives any change.
+- ``acceleration`` (checked against diffusers 0.42.1):
+  ``none`` = eager PyTorch;
+  ``regular`` = ``transformer.compile_repeated_blocks(fullgraph=True)`` once, on the first such run
+  (exact); CUDA only, so on the CPU (and with sequential offload) it runs eager and a note says so;
+  ``high`` = diffusers' TaylorSeer cache (attention outputs computed every few steps and extrapolated
+  in between: approximate, for drafts) on eager blocks. Not FirstBlockCache: in 0.42.1 it fails on
+  FLUX.2 (its tail hook subtracts the double block's tuple output from the single block's tensor).
+  Eager, because diffusers' cache hooks are ``torch.compiler.disable``d and break a fullgraph compile.
+  The cache decides per batch, so under ``high`` a batched image can differ slightly from a single run.
 - ``enable_safety_checker``: no classifier runs locally; a note says so and ``nsfw`` stays None.
 - ``sync_mode``: nothing is uploaded anywhere locally; a note says the flag has no effect.
-- ``enable_cns`` and ``cns_*``: ``cns.ColoredNoiseScheduler`` is swapped in for the run and configured
-  from the request (the plain scheduler otherwise), with the calibrated gamma matrix of this model from
-  the user cache dir when one exists, else the analytic stand-in; ``details["cns"]`` says which.
-- ``loras``: see ``loras.py``.
+- ``enable_cns`` + ``cns_*``: ``cns.ColoredNoiseScheduler`` is swapped in and configured for the run
+  (the plain scheduler otherwise) with this model's calibrated gamma matrix from the user cache dir,
+  or the analytic stand-in; ``details["cns"]`` says which.
 
-torch is imported here; diffusers and ``cns`` (which imports diffusers) only when the model loads, so
-choosing this backend costs little until the first edit. This module knows nothing about MCP, presets
-or the result store.
+torch is imported here; diffusers and ``cns`` (which imports it) only when the model loads. This
+module knows nothing about MCP, presets or the result store.
 """
 
 from __future__ import annotations
@@ -105,14 +97,11 @@ _TILING_AREA = 1.5e6
 _TAYLOR_INTERVAL = 4
 _HEARTBEAT_S = 10.0
 _CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
-
-@dataclass
-class _Outcome:
-    images: list[GeneratedImage]
-    timings: dict[str, float]
-    notes: list[str]
-    details: dict[str, Any]
+_SAVE_AS: dict[str, tuple[str, dict[str, Any]]] = {
+    "png": ("PNG", {}),
+    "jpeg": ("JPEG", {"quality": 95}),
+    "webp": ("WEBP", {"quality": 95}),
+}
 
 
 class LocalBackend:
@@ -137,19 +126,14 @@ class LocalBackend:
             "max_concurrency": 1,
             "cns": True,
             "lora_formats": LORA_FORMATS,
-            "lora_sources": [
-                "local .safetensors file",
-                "http(s) URL of a .safetensors file",
-                "Hugging Face repo id",
-            ],
+            "lora_sources": "local .safetensors file, http(s) URL of one, or Hugging Face repo id",
             "acceleration": ACCELERATION,
             "safety_checker": False,
         }
 
     async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - 3)
-        outcome = await self._run(request, inputs, [seed + i for i in range(request.num_images)], progress)
-        return BackendResult(outcome.images, seed, outcome.timings, outcome.notes, outcome.details)
+        return await self._run(request, inputs, [seed + i for i in range(request.num_images)], progress)
 
     async def edit_seeds(
         self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
@@ -158,14 +142,12 @@ class LocalBackend:
         if not seeds:
             raise InvalidRequest("seeds: give at least one seed.", field="seeds")
         try:
-            outcome = await self._run(request, inputs, list(seeds), progress)
+            batch = await self._run(request, inputs, list(seeds), progress)
         except JobFailed as exc:
             return [exc for _ in seeds]
         return [
-            BackendResult(
-                [image], image.seed, dict(outcome.timings), list(outcome.notes), dict(outcome.details)
-            )
-            for image in outcome.images
+            BackendResult([image], image.seed, dict(batch.timings), list(batch.notes), dict(batch.details))
+            for image in batch.images
         ]
 
     async def aclose(self) -> None:
@@ -178,7 +160,8 @@ class LocalBackend:
 
     async def _run(
         self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
-    ) -> _Outcome:
+    ) -> BackendResult:
+        """One batched pass: image i has seed ``seeds[i]``; the result's seed is ``seeds[0]``."""
         started = time.perf_counter()
         total = request.num_inference_steps
         timings: dict[str, float] = {}
@@ -216,35 +199,31 @@ class LocalBackend:
             for data, image, seed in zip(encoded, images, seeds, strict=True)
         ]
         timings["total"] = time.perf_counter() - started
-        return _Outcome(generated, timings, notes + details.pop("notes"), details)
+        return BackendResult(generated, seeds[0], timings, notes + details.pop("notes"), details)
 
     def _check(self, request: EditRequest, inputs: list[InputImage]) -> list[str]:
         """Refuse what cannot run; return notes for fields that have no effect here."""
         if not 1 <= len(inputs) <= 4:
             raise InvalidRequest("image_urls: give 1 to 4 input images.", field="image_urls")
-        notes = []
-        if request.negative_prompt and request.guidance_scale <= 1:
-            notes.append(
-                "negative_prompt had no effect: it only acts with guidance_scale above 1 (true CFG)."
-            )
-        if request.enable_safety_checker:
-            notes.append(
-                "no safety check ran on the local backend (no classifier is configured); nsfw is unknown."
-            )
-        if request.sync_mode:
-            notes.append("sync_mode has no effect on the local backend: nothing is uploaded anywhere.")
-        if request.acceleration == "regular" and _device_name(self.settings).startswith("cpu"):
-            notes.append("acceleration 'regular' ran eager: torch.compile is used on CUDA only.")
-        elif request.acceleration == "regular" and self.settings.offload == "sequential":
-            notes.append(
-                "acceleration 'regular' ran eager: torch.compile is not used with sequential offload."
-            )
-        if request.acceleration == "high":
-            notes.append(
-                "acceleration 'high' used diffusers' TaylorSeer cache (approximate, for drafts); "
-                "use 'regular' or 'none' for final images."
-            )
-        return notes
+        on_cpu, sequential = (
+            _device_name(self.settings).startswith("cpu"),
+            self.settings.offload == "sequential",
+        )
+        candidates = [
+            (request.negative_prompt and request.guidance_scale <= 1,
+             "negative_prompt had no effect: it only acts with guidance_scale above 1 (true CFG)."),
+            (request.enable_safety_checker,
+             "no safety check ran on the local backend (no classifier is configured); nsfw is unknown."),
+            (request.sync_mode, "sync_mode has no effect on the local backend: nothing is uploaded anywhere."),
+            (request.acceleration == "regular" and on_cpu,
+             "acceleration 'regular' ran eager: torch.compile is used on CUDA only."),
+            (request.acceleration == "regular" and sequential and not on_cpu,
+             "acceleration 'regular' ran eager: torch.compile is not used with sequential offload."),
+            (request.acceleration == "high",
+             "acceleration 'high' used diffusers' TaylorSeer cache (approximate, for drafts); "
+             "use 'regular' or 'none' for final images."),
+        ]  # fmt: skip
+        return [note for applies, note in candidates if applies]
 
     async def _decode_inputs(self, inputs: list[InputImage]) -> list[Image.Image]:
         images = []
@@ -561,6 +540,7 @@ async def _in_worker(run: Callable[[_Job], T], job: _Job) -> T:
         # Not abandoned: the thread holds the GPU until its step ends, and the next job must wait for it.
         outcome = await anyio.to_thread.run_sync(_captured, run, job)
         tg.cancel_scope.cancel()
+    await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that arrived during the run ends here
     if not outcome[0] and isinstance(outcome[1], _Interrupted):
         raise JobFailed("the local run was interrupted")  # flagged, yet no cancellation reached us
     return _unboxed(outcome)
@@ -661,14 +641,10 @@ def _decode_reference(data: bytes, field_name: str) -> Image.Image:
 
 
 def _encode_all(images: list[Image.Image], output_format: str) -> list[bytes]:
+    pil_format, options = _SAVE_AS[output_format]
     encoded = []
     for image in images:
         out = io.BytesIO()
-        if output_format == "png":
-            image.save(out, format="PNG")
-        elif output_format == "jpeg":
-            image.save(out, format="JPEG", quality=95)
-        else:
-            image.save(out, format="WEBP", quality=95)
+        image.save(out, format=pil_format, **options)
         encoded.append(out.getvalue())
     return encoded

@@ -268,7 +268,8 @@ def _refuse_pickle(name: str, label: str, field: str) -> None:
 def _url_label(url: str) -> str:
     """The URL without query and fragment: those may carry access tokens."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+    host = parts.netloc.rsplit("@", 1)[-1]  # never user:password
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 def _store_download(target: Path, data: bytes, label: str, field: str) -> None:

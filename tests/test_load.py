@@ -1,0 +1,221 @@
+"""Bounded load: 32 concurrent edit_image calls over streamable HTTP against one flux-mcp server.
+
+The server (``python -m flux_mcp serve --http``) runs as a subprocess against the loopback fal
+emulator with ``FLUX_MCP_FAL_CONCURRENCY=4`` and 0.2 s of model latency. Every call must succeed,
+every image must land on disk with its sidecar, no more than 4 fal jobs may ever be in flight, and
+the server's resident memory must stay bounded.
+
+In-flight jobs are measured from what the emulator records, sampled from a thread: a job is in
+flight from its submit until its result was fetched (the backend holds its slot for longer, from
+before the submit until the download, so this never over-counts). Submissions are read before the
+request log, so a job counted as unfinished was still unfinished when the submissions were read.
+
+``run_load`` is also what ``benchmarks/bench_load.py`` runs. This module knows the product only
+through its CLI, its MCP tools and its output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import psutil
+import pytest
+from mcp import Client
+
+from .conftest import REPO, data_uri, make_png, text_of
+from .fal_emulator import FalEmulator
+
+pytestmark = pytest.mark.anyio
+
+CALLS = 32
+CLIENTS = 4
+FAL_CONCURRENCY = 4
+LATENCY_S = 0.2
+MAX_RSS_MB = 400
+#: Everything (start, 32 calls, shutdown) must be over by then: a hang fails instead of blocking.
+RUN_LIMIT_S = 90
+_RESULT_PATH = re.compile(r"/requests/(?P<id>[^/?]+)$")
+
+
+@dataclass
+class LoadReport:
+    """What one load run measured."""
+
+    latencies_s: list[float]
+    wall_s: float
+    peak_rss_mb: float
+    peak_in_flight: int
+    results: list[Any] = field(repr=False)
+    out_dir: Path
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_s)
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_s) / self.wall_s
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_environment(emu: FalEmulator, work: Path, concurrency: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
+    home = work / "home"
+    env.update(
+        emu.env(),
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        XDG_CACHE_HOME=str(home / ".cache"),
+        FLUX_MCP_OUTPUT_DIR=str(work / "out"),
+        FLUX_MCP_INPUT_ROOTS=str(work),
+        FLUX_MCP_PRESETS=str(work / "presets.toml"),
+        FLUX_MCP_FAL_CONCURRENCY=str(concurrency),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class _Sampler:
+    """Samples, from a thread, the server's RSS and the number of fal jobs in flight."""
+
+    def __init__(self, emu: FalEmulator, proc: psutil.Process) -> None:
+        self.emu, self.proc = emu, proc
+        self.peak_rss = 0
+        self.peak_in_flight = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self._sample()
+
+    def _sample(self) -> None:
+        submitted = [s.request_id for s in list(self.emu.submissions)]  # first: see the docstring
+        fetched = {
+            m["id"]
+            for method, path, status in list(self.emu.log)
+            if method == "GET" and status == 200 and (m := _RESULT_PATH.search(path))
+        }
+        self.peak_in_flight = max(self.peak_in_flight, sum(1 for rid in submitted if rid not in fetched))
+        try:
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before listening")
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise TimeoutError(f"the server did not listen on port {port} within {timeout} s")
+
+
+async def run_load(
+    emu: FalEmulator,
+    work: Path,
+    calls: int = CALLS,
+    clients: int = CLIENTS,
+    concurrency: int = FAL_CONCURRENCY,
+    latency_s: float = LATENCY_S,
+) -> LoadReport:
+    """Start the HTTP server, run ``calls`` concurrent edits spread over ``clients`` MCP clients."""
+    emu.latency_s = latency_s
+    (work / "home").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flux_mcp", "serve", "--http", "--port", str(port)],
+        env=server_environment(emu, work, concurrency),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "server.log", "ab"),  # noqa: SIM115 - the child holds it; closed by exit
+    )
+    latencies: list[float] = []
+    results: list[Any] = [None] * calls
+    image = data_uri(make_png(64, 48))
+
+    async def one(client: Client, index: int) -> None:
+        started = time.monotonic()
+        results[index] = await client.call_tool(
+            "edit_image",
+            {"prompt": f"load test {index}", "seed": 1000 + index, "num_inference_steps": 4, "image_urls": [image]},
+        )
+        latencies.append(time.monotonic() - started)
+
+    async def client_share(share: list[int]) -> None:
+        async with Client(f"http://127.0.0.1:{port}/mcp") as client, anyio.create_task_group() as group:
+            for index in share:
+                group.start_soon(one, client, index)
+
+    try:
+        await anyio.to_thread.run_sync(_wait_listening, port, server)
+        with _Sampler(emu, psutil.Process(server.pid)) as sampler:
+            started = time.monotonic()
+            with anyio.fail_after(RUN_LIMIT_S):
+                async with anyio.create_task_group() as group:
+                    for c in range(clients):
+                        group.start_soon(client_share, list(range(c, calls, clients)))
+            wall = time.monotonic() - started
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+    return LoadReport(latencies, wall, sampler.peak_rss / 2**20, sampler.peak_in_flight, results, work / "out")
+
+
+async def test_32_concurrent_edits_over_http_stay_within_the_fal_concurrency_and_memory_bounds(
+    tmp_path: Path, emulator: FalEmulator
+) -> None:
+    report = await run_load(emulator, tmp_path)
+
+    failed = [text_of(r) for r in report.results if r is None or r.is_error]
+    assert not failed, failed[:3]
+    images = [r.structured_content["images"][0] for r in report.results]
+    assert len({img["id"] for img in images}) == CALLS
+    assert sorted(img["seed"] for img in images) == [1000 + i for i in range(CALLS)]
+    stored = {p.stem for p in report.out_dir.glob("*.png")}
+    sidecars = {p.stem for p in report.out_dir.glob("*.json")}
+    assert stored == sidecars == {img["id"] for img in images}
+    assert not list(report.out_dir.glob(".tmp-*"))
+
+    assert len(emulator.submissions) == CALLS
+    # Never more than FLUX_MCP_FAL_CONCURRENCY jobs at fal at once, and the limit was actually used.
+    assert report.peak_in_flight == FAL_CONCURRENCY, report.peak_in_flight
+    # 32 jobs through 4 slots of >= 0.2 s each take at least 8 rounds.
+    assert report.wall_s >= CALLS / FAL_CONCURRENCY * LATENCY_S
+    assert report.wall_s < 45, report.wall_s
+    assert 0 < report.peak_rss_mb < MAX_RSS_MB, report.peak_rss_mb
