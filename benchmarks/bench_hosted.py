@@ -50,13 +50,18 @@ def _png(width: int, height: int) -> bytes:
 def _server_env(emu: FalEmulator, work: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
     env.update(emu.env())
-    env.update(FLUX_MCP_OUTPUT_DIR=str(work / "out"), FLUX_MCP_INPUT_ROOTS=str(work),
-               FLUX_MCP_PRESETS=str(work / "presets.toml"))
+    env.update(
+        FLUX_MCP_OUTPUT_DIR=str(work / "out"),
+        FLUX_MCP_INPUT_ROOTS=str(work),
+        FLUX_MCP_PRESETS=str(work / "presets.toml"),
+    )
     return env
 
 
 def _params(env: dict[str, str], args: list[str] | None = None) -> StdioServerParameters:
-    return StdioServerParameters(command=sys.executable, args=args or ["-m", "flux_mcp"], env=env, cwd=str(REPO))
+    return StdioServerParameters(
+        command=sys.executable, args=args or ["-m", "flux_mcp"], env=env, cwd=str(REPO)
+    )
 
 
 async def _bare_fal(emu: FalEmulator, arguments: dict[str, Any]) -> None:
@@ -187,20 +192,44 @@ async def main() -> int:
 
         mcp_s, bare_s = await bench_round_trip(emu, work, reps)
         ratio = mcp_s / bare_s
-        rows.append(("edit_image round trip vs bare fal_client (1 MP)",
-                     f"{mcp_s * 1000:.0f} ms vs {bare_s * 1000:.0f} ms = {ratio:.2f}x", "<= 1.5x", ratio <= 1.5))
+        rows.append(
+            (
+                "edit_image round trip vs bare fal_client (1 MP)",
+                f"{mcp_s * 1000:.0f} ms vs {bare_s * 1000:.0f} ms = {ratio:.2f}x",
+                "<= 1.5x",
+                ratio <= 1.5,
+            )
+        )
         ours, minimal = await bench_cold_start(emu, work, max(3, reps // 2))
         ratio = ours / minimal
-        rows.append(("cold start to tools/list vs minimal MCPServer",
-                     f"{ours * 1000:.0f} ms vs {minimal * 1000:.0f} ms = {ratio:.2f}x", "<= 1.5x", ratio <= 1.5))
+        rows.append(
+            (
+                "cold start to tools/list vs minimal MCPServer",
+                f"{ours * 1000:.0f} ms vs {minimal * 1000:.0f} ms = {ratio:.2f}x",
+                "<= 1.5x",
+                ratio <= 1.5,
+            )
+        )
         idle, after20, after40 = await bench_rss(emu, work)
         rows.append(("idle RSS of the hosted server", f"{idle:.0f} MB", "<= 120 MB", idle <= 120))
-        rows.append(("RSS after 40 edits vs after 20", f"{after40:.0f} MB vs {after20:.0f} MB "
-                     f"(+{after40 - after20:.1f})", "<= +10 MB", after40 <= after20 + 10))
+        rows.append(
+            (
+                "RSS after 40 edits vs after 20",
+                f"{after40:.0f} MB vs {after20:.0f} MB (+{after40 - after20:.1f})",
+                "<= +10 MB",
+                after40 <= after20 + 10,
+            )
+        )
         four, single = await bench_compare(emu, work)
         ratio = four / single
-        rows.append(("compare_seeds x4 vs one edit_image (1.0 s latency)",
-                     f"{four:.2f} s vs {single:.2f} s = {ratio:.2f}x", "<= 1.3x", ratio <= 1.3))
+        rows.append(
+            (
+                "compare_seeds x4 vs one edit_image (1.0 s latency)",
+                f"{four:.2f} s vs {single:.2f} s = {ratio:.2f}x",
+                "<= 1.3x",
+                ratio <= 1.3,
+            )
+        )
     width = max(len(r[0]) for r in rows)
     print(f"{'benchmark':<{width}}  {'measured':<40}  target    ok")
     for name, measured, target, ok in rows:

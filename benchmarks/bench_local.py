@@ -9,11 +9,11 @@ Measures:
    ``edit`` calls. Target: speed-up >= 2.5x.
 
 Each is measured at every ``--configs`` entry (side:steps; default 128:8, where the model's time dominates,
-and 64:2, where fixed per-call costs do). On a CPU the model is compute-bound, so a batch of 4 costs
+and 64:4, where fixed per-call costs do). On a CPU the model is compute-bound, so a batch of 4 costs
 nearly 4 single runs and the batching target is out of reach there; the batch saves the prompt and
 reference encodings and the per-call costs, which is what a GPU with spare width turns into speed.
 
-Run: ``python benchmarks/bench_local.py [--configs 128:8,64:2] [--runs 5] [--threads 1]``.
+Run: ``python benchmarks/bench_local.py [--configs 128:8,64:4] [--runs 5] [--threads 1]``.
 Prints a table and exits 0; the targets are reported, not enforced.
 """
 
@@ -126,7 +126,7 @@ async def bench(size: int, steps: int, runs: int, workdir: Path) -> list[tuple[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="128:8,64:2", help="side:steps pairs, comma separated")
+    parser.add_argument("--configs", default="128:8,64:4", help="side:steps pairs, comma separated")
     parser.add_argument("--runs", type=int, default=5, help="runs per measurement (median)")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (tiny matrices: 1 is fastest)"

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import anyio
@@ -272,6 +273,31 @@ def _schema(tool: str) -> None:
     print(json.dumps(tool_input_schema(model), indent=2))
 
 
+def _calibrate(settings: Settings, ns: argparse.Namespace) -> int:
+    from .backends import local_available
+
+    if not local_available():
+        raise ConfigError("calibrate-cns needs the local extra: pip install 'flux-mcp[local]'.")
+    from .backends.calibration import calibrate
+
+    print(
+        f"Calibrating CNS gamma on {settings.model}: {ns.seeds} runs x {ns.steps} steps ...", file=sys.stderr
+    )
+    path, seconds = calibrate(
+        settings,
+        steps=ns.steps,
+        guidance=ns.guidance,
+        bins=ns.bins,
+        seeds=ns.seeds,
+        size=ns.size,
+        image=Path(ns.image) if ns.image else None,
+        prompt=ns.prompt,
+    )
+    print(f"saved {path} in {seconds:.1f} s; cns_gamma_source=matrix now uses it", file=sys.stderr)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-mcp",
@@ -313,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     schema = sub.add_parser("schema", help="print a tool's JSON Schema (derived from the request model)")
     schema.add_argument("--tool", choices=["edit_image", "compare_seeds", "request"], default="edit_image")
 
+    calib = sub.add_parser(
+        "calibrate-cns",
+        help="measure the CNS gamma matrix on the local model "
+        "(used by cns_gamma_source=matrix; until then an analytic stand-in is used)",
+    )
+    calib.add_argument("--steps", type=int, default=28, help="sampler steps to calibrate for (default 28)")
+    calib.add_argument(
+        "--guidance", type=float, default=5.0, help="guidance scale (default 5, the endpoint's)"
+    )
+    calib.add_argument("--bins", type=int, default=32, help="radial frequency bands (default 32)")
+    calib.add_argument("--seeds", type=int, default=8, help="deterministic runs to average (default 8)")
+    calib.add_argument("--size", type=int, default=1024, help="output side in pixels (default 1024)")
+    calib.add_argument("--image", default=None, help="reference image (default: a built-in example)")
+    calib.add_argument("--prompt", default="a detailed photograph", help="prompt for the runs")
+
     demo = sub.add_parser(
         "demo",
         help="run edit_image and compare_seeds through a real MCP client "
@@ -342,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _presets(settings, ns.json)
         elif command == "schema":
             _schema(ns.tool)
+        elif command == "calibrate-cns":
+            return _calibrate(settings, ns)
         elif command == "demo":
             from .demo import run_demo
 

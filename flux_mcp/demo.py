@@ -48,18 +48,18 @@ def _prepare_local(work: Path) -> dict[str, str]:
     }
 
 
-def _example_image(path: Path) -> None:
+def _example_image(path: Path, side: int) -> None:
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         from .backends.tiny import make_example_image
 
-        make_example_image(256, 256).save(path)
+        make_example_image(side, side).save(path)
     except ImportError:  # hosted-only install: draw a simple picture without the local extra
         from PIL import Image, ImageDraw
 
-        img = Image.new("RGB", (512, 512), (90, 140, 200))
+        img = Image.new("RGB", (512, 512), (90, 140, 200))  # hosted-only installs run the fal demo
         draw = ImageDraw.Draw(img)
         draw.ellipse((140, 120, 372, 352), fill=(240, 200, 60))
         draw.rectangle((0, 380, 512, 512), fill=(60, 120, 60))
@@ -71,10 +71,17 @@ async def _drive(env: dict[str, str], image: Path, local: bool) -> int:
 
     params = StdioServerParameters(command=sys.executable, args=["-m", "flux_mcp"], env=env)
     lora = image.parent / "demo_lora.safetensors"
-    edit: dict[str, Any] = {"prompt": "turn the scene into a watercolour painting", "image_urls": [str(image)]}
+    edit: dict[str, Any] = {
+        "prompt": "turn the scene into a watercolour painting",
+        "image_urls": [str(image)],
+    }
     if local:
-        edit |= {"num_inference_steps": 4, "image_size": {"width": 256, "height": 256},
-                 "loras": [{"path": str(lora), "scale": 0.8}]}
+        # The tiny model's VAE only halves the size, so small images keep its CPU runs to seconds.
+        edit |= {
+            "num_inference_steps": 4,
+            "image_size": {"width": 128, "height": 128},
+            "loras": [{"path": str(lora), "scale": 0.8}],
+        }
 
     async def progress(value: float, total: float | None, message: str | None) -> None:
         shown = f"{value:g}/{total:g}" if total else f"{value:g}"
@@ -114,8 +121,8 @@ def run_demo(backend: str = "auto", output_dir: str | None = None) -> int:
     if backend == "auto":
         backend = "fal" if os.environ.get("FAL_KEY") else "local"
     work = Path(output_dir).expanduser() if output_dir else Path(user_data_dir(APP)) / "demo"
-    image = work / "inputs" / "example.png"
-    _example_image(image)
+    image = work / "inputs" / ("example.png" if backend == "fal" else "example_small.png")
+    _example_image(image, 512 if backend == "fal" else 128)
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_MCP_")}
     env |= {
         "FLUX_MCP_OUTPUT_DIR": str(work / "results"),
@@ -138,8 +145,10 @@ def run_demo(backend: str = "auto", output_dir: str | None = None) -> int:
     if code == 0:
         _say(f"\nAll results (images + JSON sidecars) are in {work / 'results'}")
         if backend == "local":
-            _say("NOTE: the tiny demo model has RANDOM weights, so the pictures look like noise. The demo shows the "
-                 "real server, tools, LoRA loading, storage and MCP results; set FLUX_MCP_MODEL to the real model "
-                 "(black-forest-labs/FLUX.2-klein-base-9B) on a CUDA GPU, or FAL_KEY for the hosted endpoint, "
-                 "for real edits.")
+            _say(
+                "NOTE: the tiny demo model has RANDOM weights, so the pictures look like noise. The demo shows the "
+                "real server, tools, LoRA loading, storage and MCP results; set FLUX_MCP_MODEL to the real model "
+                "(black-forest-labs/FLUX.2-klein-base-9B) on a CUDA GPU, or FAL_KEY for the hosted endpoint, "
+                "for real edits."
+            )
     return code

@@ -68,7 +68,13 @@ def render_tool(model: type[BaseModel]) -> str:
     required = set(schema.get("required", []))
     rows = ["| argument | type | default | range | meaning |", "|---|---|---|---|---|"]
     for name, prop in schema["properties"].items():
-        default = "required" if name in required else f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
+        default = (
+            "required"
+            if name in required
+            else f"`{json.dumps(prop['default'])}`"
+            if "default" in prop
+            else ""
+        )
         rows.append(
             f"| `{name}` | {_type(prop)} | {default} | {_range(prop)} | {_cell(prop.get('description', ''))} |"
         )

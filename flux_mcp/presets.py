@@ -127,7 +127,9 @@ def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """pydantic's errors as 'field: what is wrong (got X)' lines, with the allowed range."""
     lines = []
     for err in exc.errors(include_url=False):
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # Field names come from the caller too (unknown keys): keep each part short.
+        parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        loc = ".".join(p if len(p) <= 60 else p[:57] + "..." for p in parts)
         loc = loc or "arguments"
         got = err.get("input")
         shown = "" if err["type"] == "missing" or isinstance(got, dict | list) else f" (got {_short(got)})"
@@ -244,12 +246,14 @@ def apply_preset(
     args = dict(args)
     name = args.pop("preset", None)
     preset = None
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequest("preset: must be a preset name (a string); see list_presets.", field="preset")
     if name is not None:
         preset = presets.get(name)
         if preset is None:
             hint = f" The presets file has an error: {error}" if error else ""
             raise InvalidRequest(
-                f"preset: unknown preset {name!r}; choose one of {', '.join(sorted(presets))} "
+                f"preset: unknown preset {_short(name)}; choose one of {', '.join(sorted(presets))} "
                 f"(see list_presets).{hint}",
                 field="preset",
             )

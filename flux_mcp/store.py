@@ -93,12 +93,16 @@ class ResultStore:
             raise ValueError(f"unsupported content type {content_type!r}")
         path = self.root / f"{image_id}{ext}"
         record = {"id": image_id, "file": path.name, "content_type": content_type, **sidecar}
-        write_atomic(path, data)
+        # Both files are complete on disk before either is renamed into place, so a kill between the
+        # two renames (microseconds) is the only way to leave an image without its sidecar.
+        image_tmp = _write_temp(path, data)
         try:
-            write_atomic(self._sidecar_path(image_id), _to_json(record))
+            sidecar_tmp = _write_temp(self._sidecar_path(image_id), _to_json(record))
         except BaseException:
-            path.unlink(missing_ok=True)
+            image_tmp.unlink(missing_ok=True)
             raise
+        os.replace(image_tmp, path)
+        os.replace(sidecar_tmp, self._sidecar_path(image_id))
         return StoredFile(image_id, path, content_type, record)
 
     def lookup(self, image_id: str) -> StoredFile:
@@ -148,6 +152,11 @@ class ResultStore:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    os.replace(_write_temp(path, data), path)
+
+
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` flushed to a hidden temp file beside ``path`` (named after this process, for sweeping)."""
     tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
     try:
         with open(tmp, "xb") as fh:
@@ -156,11 +165,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(fh.fileno())
         # Results are meant to be opened by the user's other apps; mkstemp-style 0600 is too tight.
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    return tmp
 
 
 def sweep_partial(folder: Path) -> int:

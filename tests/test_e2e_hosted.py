@@ -245,7 +245,9 @@ async def test_the_key_never_appears_in_results_logs_or_sidecars(
     assert not any(secret in t for t in texts)
 
 
-async def test_every_cns_field_reaches_the_endpoint_unchanged(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+async def test_every_cns_field_reaches_the_endpoint_unchanged(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
     cns = {
         "enable_cns": True,
         "cns_s_churn": 1.25,

@@ -419,7 +419,7 @@ async def test_completed_with_error_is_job_failed(
     ("kind", "params", "expected"),
     [
         ("not_found", {}, "Output image 1 of 1 could not be downloaded .*HTTP 404"),
-        ("huge", {"size": 3 * 2**20}, "Output image 1 of 1 is larger than FLUX_MCP_MAX_DOWNLOAD_MB"),
+        ("huge", {"size": 3 * 2**20}, "Output image 1 of 1 is larger than the 1.0 MiB limit"),
         ("huge", {"size": 3 * 2**20, "declare_length": False}, "Output image 1 of 1 is larger than"),
     ],
 )

@@ -28,7 +28,7 @@ from .fal_emulator import FalEmulator
 pytestmark = pytest.mark.anyio
 
 #: Small deadlines so the deadline cases finish quickly; the size cap makes a 2 MiB image "huge".
-JOB_TIMEOUT_S = 3.0
+JOB_TIMEOUT_S = 4.0
 DOWNLOAD_TIMEOUT_S = 1.0
 MAX_DOWNLOAD_MB = 1
 #: The longest any single call may take before we call it a hang (the slowest case is ~JOB_TIMEOUT_S).

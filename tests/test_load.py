@@ -16,6 +16,7 @@ through its CLI, its MCP tools and its output folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -123,10 +124,8 @@ class _Sampler:
             if method == "GET" and status == 200 and (m := _RESULT_PATH.search(path))
         }
         self.peak_in_flight = max(self.peak_in_flight, sum(1 for rid in submitted if rid not in fetched))
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may exit between two samples
             self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -169,7 +168,12 @@ async def run_load(
         started = time.monotonic()
         results[index] = await client.call_tool(
             "edit_image",
-            {"prompt": f"load test {index}", "seed": 1000 + index, "num_inference_steps": 4, "image_urls": [image]},
+            {
+                "prompt": f"load test {index}",
+                "seed": 1000 + index,
+                "num_inference_steps": 4,
+                "image_urls": [image],
+            },
         )
         latencies.append(time.monotonic() - started)
 
@@ -194,7 +198,9 @@ async def run_load(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(10)
-    return LoadReport(latencies, wall, sampler.peak_rss / 2**20, sampler.peak_in_flight, results, work / "out")
+    return LoadReport(
+        latencies, wall, sampler.peak_rss / 2**20, sampler.peak_in_flight, results, work / "out"
+    )
 
 
 async def test_32_concurrent_edits_over_http_stay_within_the_fal_concurrency_and_memory_bounds(

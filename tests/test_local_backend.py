@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import numpy as np
@@ -22,7 +22,14 @@ from platformdirs import user_cache_dir
 
 from flux_mcp.backends import BackendResult, InputImage, cns
 from flux_mcp.backends.local import LocalBackend
-from flux_mcp.backends.tiny import make_example_image, make_lora_state_dict, save_lora, save_tiny_model
+from flux_mcp.backends.loras import AdapterCache, LoraFile
+from flux_mcp.backends.tiny import (
+    build_tiny_pipeline,
+    make_example_image,
+    make_lora_state_dict,
+    save_lora,
+    save_tiny_model,
+)
 from flux_mcp.config import APP, Settings
 from flux_mcp.errors import BackendUnavailable, InputImageError, InvalidRequest
 from flux_mcp.schema import EditRequest
@@ -347,31 +354,36 @@ async def test_a_lora_matching_nothing_is_refused(
     assert [entry["path"] for entry in result.details["loras"]] == ["good.safetensors"]
 
 
-class _LoraServer(BaseHTTPRequestHandler):
-    body = b""
-    hits = 0
+class _Files(BaseHTTPRequestHandler):
+    """Serves ``files`` (path -> bytes) on loopback and counts the requests per path."""
+
+    files: ClassVar[dict[str, bytes]] = {}
+    hits: ClassVar[dict[str, int]] = {}
 
     def do_GET(self) -> None:
-        type(self).hits += 1
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(self.body)))
+        path = self.path.split("?")[0]
+        self.hits[path] = self.hits.get(path, 0) + 1
+        body = self.files.get(path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
         self.end_headers()
-        self.wfile.write(self.body)
+        self.wfile.write(body or b"")
 
     def log_message(self, *args: Any) -> None:
         pass
 
 
 @pytest.fixture
-def lora_server(tiny_transformer: Any, tmp_path: Path) -> Iterator[tuple[str, type[_LoraServer]]]:
-    path = save_lora(tmp_path / "served.safetensors", make_lora_state_dict(tiny_transformer, "kohya", seed=9))
-    handler = type("Handler", (_LoraServer,), {"body": path.read_bytes(), "hits": 0})
+def loopback(tiny_transformer: Any, tmp_path: Path) -> Iterator[tuple[str, dict[str, int]]]:
+    """A loopback HTTP server with a LoRA at /loras/served.safetensors and a PNG at /house.png."""
+    lora = save_lora(tmp_path / "served.safetensors", make_lora_state_dict(tiny_transformer, "kohya", seed=9))
+    files = {"/loras/served.safetensors": lora.read_bytes(), "/house.png": png_input(80, 64).data or b""}
+    handler = type("Handler", (_Files,), {"files": files, "hits": {}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/loras/served.safetensors?token=s3cret", handler
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.hits
     finally:
         server.shutdown()
         server.server_close()
@@ -379,22 +391,87 @@ def lora_server(tiny_transformer: Any, tmp_path: Path) -> Iterator[tuple[str, ty
 
 @pytest.mark.anyio
 async def test_lora_url_is_downloaded_once_and_cached(
-    make_backend: Callable[..., LocalBackend], lora_server: tuple[str, type[_LoraServer]], tmp_path: Path
+    make_backend: Callable[..., LocalBackend], loopback: tuple[str, dict[str, int]], tmp_path: Path
 ) -> None:
-    url, handler = lora_server
-    guarded = make_backend()
-    with pytest.raises(InvalidRequest) as refused:
-        await edit(guarded, request(loras=[{"path": url}]))
-    assert handler.hits == 0 and "s3cret" not in str(refused.value)
+    base, hits = loopback
+    url = f"{base}/loras/served.safetensors?token=s3cret"
+    with pytest.raises(InvalidRequest) as refused:  # loopback is private: refused unless allowed
+        await edit(make_backend(), request(loras=[{"path": url}]))
+    assert hits == {} and "s3cret" not in str(refused.value)
 
-    backend = make_backend(allow_private_urls=True)
-    first = await edit(backend, request(loras=[{"path": url}]))
+    first = await edit(make_backend(allow_private_urls=True), request(loras=[{"path": url}]))
     second = await edit(make_backend(allow_private_urls=True), request(loras=[{"path": url}]))
-    assert handler.hits == 1
+    assert hits == {"/loras/served.safetensors": 1}
     assert max_diff(first.images[0].data, second.images[0].data) == 0
     cached = list((tmp_path / "lora-cache").iterdir())
     assert len(cached) == 1 and cached[0].name.startswith("url-") and cached[0].suffix == ".safetensors"
     assert first.details["loras"][0]["path"] == url.split("?")[0]  # the query (a token) is never shown
+
+
+@pytest.mark.anyio
+async def test_input_url_is_fetched_through_the_guard(
+    make_backend: Callable[..., LocalBackend], loopback: tuple[str, dict[str, int]]
+) -> None:
+    base, hits = loopback
+    remote = InputImage(source=f"{base}/house.png", url=f"{base}/house.png")
+    with pytest.raises(InvalidRequest):
+        await edit(make_backend(), request(), [remote])
+    result = await edit(make_backend(allow_private_urls=True), request(), [remote])
+    assert hits == {"/house.png": 1}
+    assert (result.images[0].width, result.images[0].height) == (80, 64)  # the fetched image's size
+    local = await edit(make_backend(), request(), [png_input(80, 64)])
+    assert max_diff(result.images[0].data, local.images[0].data) == 0
+
+
+@pytest.mark.anyio
+async def test_lora_from_the_hugging_face_cache(
+    backend: LocalBackend, tiny_transformer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-hub"
+    snapshot = cache / "models--someone--klein-lora" / "snapshots" / ("a" * 40)
+    save_lora(snapshot / "edit.safetensors", make_lora_state_dict(tiny_transformer, "peft", seed=4))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    named = await edit(backend, request(loras=[{"path": "someone/klein-lora/edit.safetensors"}]))
+    only_file = await edit(backend, request(loras=[{"path": "someone/klein-lora"}]))
+    assert named.details["loras"][0]["path"] == "someone/klein-lora/edit.safetensors"
+    assert max_diff(named.images[0].data, only_file.images[0].data) == 0
+    with pytest.raises(InvalidRequest, match="pickle"):
+        await edit(backend, request(loras=[{"path": "someone/klein-lora/model.ckpt"}]))
+    with pytest.raises(BackendUnavailable, match="not in the local Hugging Face cache"):
+        await edit(backend, request(loras=[{"path": "someone/klein-lora/missing.safetensors"}]))
+
+
+def test_adapters_beyond_capacity_are_evicted_oldest_first(tiny_transformer: Any, tmp_path: Path) -> None:
+    pipe = build_tiny_pipeline()
+    adapters = AdapterCache(capacity=2)
+    files = []
+    for seed in range(3):
+        path = save_lora(
+            tmp_path / f"l{seed}.safetensors", make_lora_state_dict(tiny_transformer, "bfl", seed=seed)
+        )
+        files.append(LoraFile(path, str(seed) * 64, path.name, f"loras.{seed}.path"))
+    adapters.activate(pipe, [(files[0], 1.0)], print)
+    adapters.activate(pipe, [(files[1], 1.0)], print)
+    adapters.activate(pipe, [(files[0], 0.5)], print)  # used again: now the newest
+    adapters.activate(pipe, [(files[2], 1.0)], print)
+    assert sorted(pipe.get_list_adapters()["transformer"]) == sorted(
+        [files[0].adapter_name, files[2].adapter_name]
+    )
+    assert pipe.get_active_adapters() == [files[2].adapter_name]
+    adapters.activate(pipe, [], print)
+    assert not any(module.merged or not module.disable_adapters for module in _lora_layers(pipe))
+
+
+def _lora_layers(pipe: Any) -> list[Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in pipe.transformer.modules() if isinstance(module, LoraLayer)]
 
 
 # -- scheduling: queue, cancellation, CNS ------------------------------------------------------
@@ -442,6 +519,43 @@ async def test_concurrent_edits_run_one_after_the_other(backend: LocalBackend) -
     steps = [name for name, message in order if message.startswith("step ")]
     assert steps == ["A"] * 8 + ["B"] * 8
     assert max_diff(results["A"].images[0].data, results["B"].images[0].data) == 0
+
+
+@pytest.mark.anyio
+async def test_a_caller_leaving_the_queue_moves_the_others_up(backend: LocalBackend) -> None:
+    first_has_the_gpu = anyio.Event()
+    second, third = Recorder(), Recorder()
+    second_scope = anyio.CancelScope()
+    finished: list[str] = []
+
+    async def run(name: str, progress: Recorder, steps: int) -> None:
+        await backend.edit(request(num_inference_steps=steps), [png_input()], progress)
+        finished.append(name)
+
+    async def run_second() -> None:
+        with second_scope:
+            await run("B", second, 4)
+
+    async def until(recorder: Recorder, message: str) -> None:
+        while message not in recorder.messages:
+            await anyio.sleep(0.01)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(
+            run, "A", Recorder(lambda m: first_has_the_gpu.set() if m.startswith("step") else None), 30
+        )
+        await first_has_the_gpu.wait()
+        tg.start_soon(run_second)
+        await until(second, "waiting for the GPU: position 1")
+        tg.start_soon(run, "C", third, 4)
+        await until(third, "waiting for the GPU: position 2")
+        second_scope.cancel()
+    assert finished == ["A", "C"]
+    assert [m for m in third.messages if m.startswith("waiting")] == [
+        "waiting for the GPU: position 2",
+        "waiting for the GPU: position 1",
+    ]
+    assert not any(m.startswith("step") for m in second.messages)
 
 
 @pytest.mark.anyio

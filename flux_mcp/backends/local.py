@@ -205,19 +205,16 @@ class LocalBackend:
         """Refuse what cannot run; return notes for fields that have no effect here."""
         if not 1 <= len(inputs) <= 4:
             raise InvalidRequest("image_urls: give 1 to 4 input images.", field="image_urls")
-        on_cpu, sequential = (
-            _device_name(self.settings).startswith("cpu"),
-            self.settings.offload == "sequential",
-        )
+        cuda = _device_name(self.settings).startswith("cuda")
+        regular = request.acceleration == "regular"
         candidates = [
             (request.negative_prompt and request.guidance_scale <= 1,
              "negative_prompt had no effect: it only acts with guidance_scale above 1 (true CFG)."),
             (request.enable_safety_checker,
              "no safety check ran on the local backend (no classifier is configured); nsfw is unknown."),
             (request.sync_mode, "sync_mode has no effect on the local backend: nothing is uploaded anywhere."),
-            (request.acceleration == "regular" and on_cpu,
-             "acceleration 'regular' ran eager: torch.compile is used on CUDA only."),
-            (request.acceleration == "regular" and sequential and not on_cpu,
+            (regular and not cuda, "acceleration 'regular' ran eager: torch.compile is used on CUDA only."),
+            (regular and cuda and self.settings.offload == "sequential",
              "acceleration 'regular' ran eager: torch.compile is not used with sequential offload."),
             (request.acceleration == "high",
              "acceleration 'high' used diffusers' TaylorSeer cache (approximate, for drafts); "
@@ -569,6 +566,11 @@ async def _quiet(progress: float, total: float | None, message: str) -> None:
 # Small helpers
 
 
+def load_pipeline(settings: Settings) -> Any:
+    """The configured pipeline, loaded exactly as the backend loads it (for ``flux-mcp calibrate-cns``)."""
+    return _Engine.load(settings).pipe
+
+
 def _device_name(settings: Settings) -> str:
     return settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -621,7 +623,7 @@ def _decode_reference(data: bytes, field_name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as opened:
             image = ImageOps.exif_transpose(opened) or opened
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InputImageError(
             f"{field_name}: the image cannot be decoded ({exc}).", field=field_name
         ) from None
