@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^job-\d{8}-\d{6}-[0-9a-f]{8}$")
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
+#: Finished jobs kept in memory with their rendered outcome; older ones are reloaded from disk.
+KEEP_FINISHED_IN_MEMORY = 8
 
 
 class JobRecord(BaseModel):
@@ -251,9 +253,17 @@ class JobManager:
                 elif not job.record.remote:
                     self._finish(job, "failed", error="interrupted: the server shut down before it finished")
                 # else: left "running" on disk, resumed by its fal request ids at the next start
+            job.call = None  # its input images are not needed any more
             job.finished.set()
             with anyio.CancelScope(shield=True):
                 await self._save(job)
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Keep only the newest finished jobs in memory (results stay on disk; get_result reloads them)."""
+        finished = [job_id for job_id, job in self._jobs.items() if job.finished.is_set()]
+        for job_id in finished[:-KEEP_FINISHED_IN_MEMORY]:
+            del self._jobs[job_id]
 
     def _finish(self, job: Job, state: str, *, message: str = "", error: str | None = None) -> None:
         info = job.record.info

@@ -14,10 +14,10 @@ callers hear their place in the queue. An edit, step by step (``LocalBackend._ru
    its seed), a progress message per step;
 7. encode the outputs (png/jpeg/webp) off the event loop.
 
-Steps 4-6 run in one worker thread (``_Engine.run``) that reports progress with
-``anyio.from_thread.run``. When the awaiting task is cancelled, a flag is set that the pipeline's step
-callback turns into an exception, so the run ends after the current step; the task waits for the
-thread (the next job needs the GPU free) and re-raises.
+Steps 4-6 run in one worker thread (``_Engine.run``) that reports progress to the loop. When the
+awaiting task is cancelled, a flag is set that the pipeline's step callback turns into an exception,
+so the run ends after the current step; the task waits for the thread (the next job needs the GPU
+free) and re-raises. The queue and thread plumbing is in ``_worker``.
 
 Fields that are not plain pipeline arguments:
 
@@ -53,14 +53,11 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import anyio
-import anyio.from_thread
-import anyio.lowlevel
 import anyio.to_thread
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -72,11 +69,10 @@ from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFai
 from ..images import check_image_bytes
 from ..schema import MAX_SEED, EditRequest, output_size
 from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
+from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
 from .loras import AdapterCache, LoraFile, LoraFiles
 
 __all__ = ["ACCELERATION", "LORA_FORMATS", "LocalBackend"]
-
-T = TypeVar("T")
 
 #: What each ``acceleration`` value does here (also shown by list_presets).
 ACCELERATION = {
@@ -113,7 +109,7 @@ class LocalBackend:
         self.settings = settings
         self.endpoint = settings.model
         self._engine: _Engine | None = None
-        self._gpu = _GpuQueue()
+        self._gpu = GpuQueue()
         self._lora_files = LoraFiles(settings)
 
     def capabilities(self) -> dict[str, Any]:
@@ -151,7 +147,7 @@ class LocalBackend:
         ]
 
     async def aclose(self) -> None:
-        async with self._gpu.turn(_quiet, 0):
+        async with self._gpu.turn(quiet, 0):
             engine, self._engine = self._engine, None
             if engine is not None:
                 await anyio.to_thread.run_sync(engine.close)
@@ -184,10 +180,10 @@ class LocalBackend:
             engine = await self._loaded_engine(progress, total, timings)
             width, height, size_note = _output_size(request, references[0].size, engine.multiple)
             notes += [size_note] if size_note else []
-            job = _Job(request, seeds, references, width, height, loras, _notifier(progress, total))
+            job = _Job(request, seeds, references, width, height, loras, notifier(progress, total))
             # 4.-6. LoRA adapters, prompt embeddings, denoising: one worker thread
             ran = time.perf_counter()
-            images, details = await _in_worker(engine.run, job)
+            images, details = await finish_in_thread(engine.run, job, cancelled=job.cancelled)
             timings["inference"] = time.perf_counter() - ran
 
         # 7. Encode the outputs
@@ -253,19 +249,9 @@ class LocalBackend:
             return self._engine
         started = time.perf_counter()
         message = f"loading model {self.settings.model} (first edit only; this can take minutes)"
-        await progress(0, total, message)
-        async with anyio.create_task_group() as tg:
-
-            async def heartbeat() -> None:
-                while True:
-                    await anyio.sleep(_HEARTBEAT_S)
-                    await progress(0, total, f"{message}: {time.perf_counter() - started:.0f} s")
-
-            tg.start_soon(heartbeat)
-            # Not abandoned on cancellation: a half-loaded model must not keep loading unseen.
-            loaded = await anyio.to_thread.run_sync(_captured, _Engine.load, self.settings)
-            tg.cancel_scope.cancel()
-        self._engine = _unboxed(loaded)
+        self._engine = await with_heartbeat(
+            _Engine.load, self.settings, progress=progress, total=total, message=message, every_s=_HEARTBEAT_S
+        )
         timings["load_model"] = time.perf_counter() - started
         return self._engine
 
@@ -380,7 +366,8 @@ class _Engine:
                 cns_info.update(self.cns_scheduler.cns_info())
         except _Interrupted:
             pipe.maybe_free_model_hooks()  # offload hooks and cache state as after a finished call
-            raise
+            # Seen only if the flag was set yet no cancellation reached the awaiting task (else that wins).
+            raise JobFailed("the local run was interrupted") from None
         except torch.OutOfMemoryError as exc:
             self._free_memory()
             raise JobFailed(
@@ -476,90 +463,6 @@ def _step_callback(job: _Job) -> Callable[..., dict[str, Any]]:
         return {}
 
     return on_step_end
-
-
-# ---------------------------------------------------------------------------------------------
-# Between the loop and the worker
-
-
-class _GpuQueue:
-    """One GPU job at a time, first come first served; waiting callers hear their place in line."""
-
-    def __init__(self) -> None:
-        self._line: list[object] = []  # [the running job, then the waiting ones]
-        self._moved: anyio.Event | None = None
-
-    @contextlib.asynccontextmanager
-    async def turn(self, progress: Progress, total: int) -> AsyncIterator[None]:
-        ticket = object()
-        self._line.append(ticket)
-        try:
-            told = 0
-            while self._line[0] is not ticket:
-                # Taken before awaiting progress, so a job that ends meanwhile still wakes us.
-                moved = self._moved = self._moved or anyio.Event()
-                position = self._line.index(ticket)
-                if position != told:
-                    await progress(0, total, f"waiting for the GPU: position {position}")
-                    told = position
-                await moved.wait()
-            yield
-        finally:
-            self._line.remove(ticket)
-            if self._moved is not None:
-                self._moved.set()
-                self._moved = None
-
-
-def _notifier(progress: Progress, total: int) -> Callable[[float, str], None]:
-    """Progress from the worker thread, sent to the loop and never going backwards."""
-    last = 0.0
-
-    def notify(done: float, message: str) -> None:
-        nonlocal last
-        last = max(last, done)
-        anyio.from_thread.run(progress, last, total, message)
-
-    return notify
-
-
-async def _in_worker(run: Callable[[_Job], T], job: _Job) -> T:
-    """``run(job)`` in a worker thread. Cancelled, it flags the job, waits for the thread and re-raises."""
-
-    async def flag_on_cancel() -> None:
-        try:
-            await anyio.sleep_forever()
-        finally:
-            job.cancelled.set()
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(flag_on_cancel)
-        # Not abandoned: the thread holds the GPU until its step ends, and the next job must wait for it.
-        outcome = await anyio.to_thread.run_sync(_captured, run, job)
-        tg.cancel_scope.cancel()
-    await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation that arrived during the run ends here
-    if not outcome[0] and isinstance(outcome[1], _Interrupted):
-        raise JobFailed("the local run was interrupted")  # flagged, yet no cancellation reached us
-    return _unboxed(outcome)
-
-
-def _captured(fn: Callable[..., T], *args: Any) -> tuple[bool, Any]:
-    """(True, result) or (False, exception): errors leave a task group unwrapped (no ExceptionGroup)."""
-    try:
-        return True, fn(*args)
-    except Exception as exc:
-        return False, exc
-
-
-def _unboxed(outcome: tuple[bool, Any]) -> Any:
-    ok, value = outcome
-    if not ok:
-        raise value
-    return value
-
-
-async def _quiet(progress: float, total: float | None, message: str) -> None:
-    """A progress sink for internal waits nobody watches."""
 
 
 # ---------------------------------------------------------------------------------------------
