@@ -123,7 +123,8 @@ def run_demo(backend: str = "auto", output_dir: str | None = None) -> int:
     work = Path(output_dir).expanduser() if output_dir else Path(user_data_dir(APP)) / "demo"
     image = work / "inputs" / ("example.png" if backend == "fal" else "example_small.png")
     _example_image(image, 512 if backend == "fal" else 128)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLUX_MCP_")}
+    # The user's own settings (upload mode, proxies, limits) apply; the demo only picks its folders.
+    env = dict(os.environ)
     env |= {
         "FLUX_MCP_OUTPUT_DIR": str(work / "results"),
         "FLUX_MCP_INPUT_ROOTS": str(work / "inputs"),

@@ -272,3 +272,25 @@ async def test_every_cns_field_reaches_the_endpoint_unchanged(
     assert {k: sent[k] for k in cns} == cns
     guided = emulator.submissions[1].payload
     assert guided["enable_cns"] is True and guided["cns_gamma_divider"] == 25 and guided["cns_s_churn"] == 0.3
+
+
+def test_the_demo_runs_against_the_hosted_endpoint_when_a_key_is_set(tmp_path: Path, emulator: Any) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))} | emulator.env()
+    done = subprocess.run(
+        [sys.executable, "-m", "flux_mcp", "demo", "--output-dir", str(tmp_path / "demo")],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "hosted endpoint" in done.stdout and "backend: fal" in done.stdout
+    saved = sorted((tmp_path / "demo" / "results").glob("*.png"))
+    assert len(saved) == 5 and all(str(p) in done.stdout for p in saved)
+    assert len(emulator.submissions) == 5
+    assert (
+        emulator.submissions[0].payload["num_inference_steps"] == 28
+    )  # the endpoint's defaults, not the tiny model's
