@@ -8,14 +8,20 @@ directories pointed at a temp dir, so nothing reads or writes the developer's re
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client as stdio_client_transport
@@ -95,6 +101,56 @@ async def stdio_client(env: dict[str, str], *args: str, stderr: Path | None = No
     with open(stderr or os.devnull, "a") as errlog:
         async with Client(stdio_client_transport(params, errlog=errlog)) as client:
             yield client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class HttpServer:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def http_server(env: dict[str, str], log: Path | None = None, verbose: bool = False) -> Iterator[HttpServer]:
+    """``flux-mcp serve --http`` on 127.0.0.1 in a subprocess, listening before this yields; stopped after."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "flux_mcp",
+        *(["--verbose"] if verbose else []),
+        "serve",
+        "--http",
+        "--port",
+        str(port),
+    ]
+    with open(log or os.devnull, "ab") as errors:
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            url = f"http://127.0.0.1:{port}/mcp"
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, f"the server exited with {proc.returncode} before listening"
+                try:
+                    httpx.get(url, timeout=0.5)
+                    break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, "the server did not start listening within 30 s"
+                    time.sleep(0.1)
+            yield HttpServer(url, port, proc)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def text_of(result: Any) -> str:

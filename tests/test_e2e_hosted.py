@@ -7,10 +7,8 @@ import base64
 import io
 import json
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ import pytest
 from mcp import Client
 from PIL import Image
 
-from .conftest import REPO, data_uri, make_png, server_env, stdio_client, text_of
+from .conftest import REPO, data_uri, http_server, make_png, server_env, stdio_client, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -191,41 +189,17 @@ async def test_cancelling_the_call_cancels_the_fal_request(
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_streamable_http_transport_runs_the_same_edit(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flux_mcp", "serve", "--http", "--port", str(port)],
-        env=_env(tmp_path, emulator),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-                break
-            except httpx.TransportError:
-                await anyio.sleep(0.1)
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client:
+    with http_server(_env(tmp_path, emulator)) as server:
+        async with Client(server.url) as client:
             result = await client.call_tool("edit_image", {**EDIT, "image_urls": [data_uri(make_png())]})
         assert not result.is_error, text_of(result)
         assert Path(result.structured_content["images"][0]["path"]).is_file()
         # DNS-rebinding protection: a foreign Host header is refused.
-        rebound = httpx.post(f"http://127.0.0.1:{port}/mcp", headers={"Host": "evil.example"}, json={})
+        rebound = httpx.post(server.url, headers={"Host": "evil.example"}, json={})
         assert rebound.status_code in (400, 403, 421)
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_the_key_never_appears_in_results_logs_or_sidecars(

@@ -28,7 +28,8 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from .conftest import REPO, data_uri, make_png, server_env, text_of
+from .conftest import REPO, data_uri, free_port, make_png, server_env, text_of
+from .conftest import http_server as serve_http
 from .fal_emulator import FalEmulator
 
 INIT = {
@@ -42,12 +43,6 @@ INIT = {
     },
 }
 MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -78,7 +73,7 @@ def _hold_every_interface(port: int) -> Iterator[None]:
 def test_serving_beyond_loopback_without_a_token_is_refused_before_binding(
     tmp_path: Path, host: str, token: str | None
 ) -> None:
-    port = _free_port()
+    port = free_port()
     env = server_env(tmp_path)
     if token is not None:
         env["FLUX_MCP_HTTP_TOKEN"] = token
@@ -123,7 +118,6 @@ def http_server(
     root = tmp_path_factory.mktemp("http-auth")
     (root / "inputs").mkdir()
     token = "tok-" + secrets.token_urlsafe(24)
-    port = _free_port()
     home = root / "home"
     env = server_env(
         root,
@@ -135,33 +129,8 @@ def http_server(
         XDG_CACHE_HOME=str(home / ".cache"),
     )
     log = root / "server.log"
-    with open(log, "wb") as errors:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flux_mcp", "--verbose", "serve", "--http", "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}/mcp"
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    httpx.get(url, timeout=0.5)
-                    break
-                except httpx.TransportError:
-                    assert time.monotonic() < deadline, "the server did not start listening"
-                    time.sleep(0.1)
-            yield HTTPServer(url, port, token, log, root / "out", module_emulator)
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    with serve_http(env, log=log, verbose=True) as server:
+        yield HTTPServer(server.url, server.port, token, log, root / "out", module_emulator)
 
 
 def _post(

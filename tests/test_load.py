@@ -19,9 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,12 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import psutil
 import pytest
 from mcp import Client
 
-from .conftest import REPO, data_uri, make_png, text_of
+from .conftest import data_uri, http_server, make_png, text_of
 from .fal_emulator import FalEmulator
 
 pytestmark = pytest.mark.anyio
@@ -67,12 +63,6 @@ class LoadReport:
     @property
     def throughput(self) -> float:
         return len(self.latencies_s) / self.wall_s
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def server_environment(emu: FalEmulator, work: Path, concurrency: int) -> dict[str, str]:
@@ -128,19 +118,6 @@ class _Sampler:
             self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before listening")
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=0.5)
-            return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise TimeoutError(f"the server did not listen on port {port} within {timeout} s")
-
-
 async def run_load(
     emu: FalEmulator,
     work: Path,
@@ -152,14 +129,6 @@ async def run_load(
     """Start the HTTP server, run ``calls`` concurrent edits spread over ``clients`` MCP clients."""
     emu.latency_s = latency_s
     (work / "home").mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flux_mcp", "serve", "--http", "--port", str(port)],
-        env=server_environment(emu, work, concurrency),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "server.log", "ab"),  # noqa: SIM115 - the child holds it; closed by exit
-    )
     latencies: list[float] = []
     results: list[Any] = [None] * calls
     image = data_uri(make_png(64, 48))
@@ -178,26 +147,21 @@ async def run_load(
         latencies.append(time.monotonic() - started)
 
     async def client_share(share: list[int]) -> None:
-        async with Client(f"http://127.0.0.1:{port}/mcp") as client, anyio.create_task_group() as group:
+        async with Client(server.url) as client, anyio.create_task_group() as group:
             for index in share:
                 group.start_soon(one, client, index)
 
-    try:
-        await anyio.to_thread.run_sync(_wait_listening, port, server)
-        with _Sampler(emu, psutil.Process(server.pid)) as sampler:
-            started = time.monotonic()
-            with anyio.fail_after(RUN_LIMIT_S):
-                async with anyio.create_task_group() as group:
-                    for c in range(clients):
-                        group.start_soon(client_share, list(range(c, calls, clients)))
-            wall = time.monotonic() - started
-    finally:
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+    environment = server_environment(emu, work, concurrency)
+    with (
+        http_server(environment, log=work / "server.log") as server,
+        _Sampler(emu, psutil.Process(server.proc.pid)) as sampler,
+    ):
+        started = time.monotonic()
+        with anyio.fail_after(RUN_LIMIT_S):
+            async with anyio.create_task_group() as group:
+                for c in range(clients):
+                    group.start_soon(client_share, list(range(c, calls, clients)))
+        wall = time.monotonic() - started
     return LoadReport(
         latencies, wall, sampler.peak_rss / 2**20, sampler.peak_in_flight, results, work / "out"
     )
