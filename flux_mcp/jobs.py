@@ -57,6 +57,8 @@ JOB_ID = re.compile(r"^job-\d{8}-\d{6}-[0-9a-f]{8}$")
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
 #: Finished jobs kept in memory with their rendered outcome; older ones are reloaded from disk.
 KEEP_FINISHED_IN_MEMORY = 8
+#: While a call waits, its progress is repeated at least this often (seconds).
+HEARTBEAT_S = 10.0
 
 
 class JobRecord(BaseModel):
@@ -103,8 +105,9 @@ def _now() -> str:
 class JobManager:
     """Runs calls as jobs; use as ``async with JobManager(service) as jobs:`` for the server's life."""
 
-    def __init__(self, service: FluxService) -> None:
+    def __init__(self, service: FluxService, heartbeat_s: float = HEARTBEAT_S) -> None:
         self.service = service
+        self.heartbeat_s = heartbeat_s
         self.root = service.settings.output_dir / "jobs"
         self._jobs: dict[str, Job] = {}
         self._group: anyio.abc.TaskGroup | None = None
@@ -159,11 +162,25 @@ class JobManager:
                 await _safe(progress, info.progress, info.total, info.message)
         try:
             with anyio.move_on_after(timeout):
-                await job.finished.wait()
+                if progress is None:
+                    await job.finished.wait()
+                else:
+                    async with anyio.create_task_group() as group:
+                        group.start_soon(self._heartbeat, job, progress)
+                        await job.finished.wait()
+                        group.cancel_scope.cancel()
         finally:
             if progress is not None and progress in job.listeners:
                 job.listeners.remove(progress)
         return job.finished.is_set()
+
+    async def _heartbeat(self, job: Job, progress: ProgressFn) -> None:
+        """Repeat the job's state while a caller waits and nothing new happens (a long queue, a model
+        load), so hosts that reset their timeout on progress keep waiting."""
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            info = job.record.info
+            await _safe(progress, info.progress, info.total, info.message or info.state)
 
     async def cancel(self, job: Job) -> None:
         """Stop a running job (hosted jobs are cancelled on fal too) and wait until it has stopped."""

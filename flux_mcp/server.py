@@ -47,6 +47,9 @@ __all__ = [
 
 logger = logging.getLogger("flux_mcp")
 
+#: How much a repeated progress value is raised so that notifications keep increasing.
+PROGRESS_NUDGE = 0.001
+
 INSTRUCTIONS = """\
 Edit images with FLUX.2 [klein] 9B Base and trained edit LoRAs.
 - edit_image: give a prompt (include a LoRA's trigger word) and 1-4 images (https URL, data URI, local
@@ -123,8 +126,17 @@ def _service(ctx: Context) -> FluxService:
 
 
 def _progress(ctx: Context) -> Callable[[float, float | None, str], Awaitable[None]]:
+    """The call's progress sink. MCP wants every notification's value to increase, while a backend
+    may repeat a value with a new message (queue position, a phase, a heartbeat): nudge those up."""
+    last = -1.0
+
     async def report(progress: float, total: float | None, message: str) -> None:
-        await ctx.report_progress(progress, total, message)
+        nonlocal last
+        value = progress if progress > last else round(last + PROGRESS_NUDGE, 6)
+        if total is not None and value > total:
+            total = value
+        last = value
+        await ctx.report_progress(value, total, message)
 
     return report
 
