@@ -25,6 +25,7 @@ __all__ = ["SETTINGS", "Setting", "Settings"]
 
 APP = "flux-mcp"
 DEFAULT_MODEL = "black-forest-labs/FLUX.2-klein-base-9B"
+DEFAULT_SAFETY_LABELS = ("nsfw", "porn", "hentai", "sexy")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ def _bool(raw: str) -> bool:
     if value in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("must be true or false")
+
+
+def _labels(raw: str) -> tuple[str, ...]:
+    labels = tuple(label.strip().lower() for label in raw.split(",") if label.strip())
+    if not labels:
+        raise ValueError("give at least one label, separated by commas")
+    return labels
 
 
 def _secret(raw: str) -> str:
@@ -149,6 +157,28 @@ SETTINGS: tuple[Setting, ...] = (
         _str,
         "cuda if present, else cpu",
         "Local backend: torch device to run on (cuda, cuda:1, cpu).",
+    ),
+    Setting(
+        "FLUX_MCP_SAFETY_MODEL",
+        "safety_model",
+        _str,
+        "unset (no local check)",
+        "Local backend: image classifier for enable_safety_checker (transformers model: Hugging Face id "
+        "or local directory); flagged images come back black.",
+    ),
+    Setting(
+        "FLUX_MCP_SAFETY_LABELS",
+        "safety_labels",
+        _labels,
+        ",".join(DEFAULT_SAFETY_LABELS),
+        "Local backend: the safety model's labels (comma-separated) that count as NSFW.",
+    ),
+    Setting(
+        "FLUX_MCP_SAFETY_THRESHOLD",
+        "safety_threshold",
+        _float(0, 1),
+        "0.5",
+        "Local backend: an image is flagged when its NSFW labels' summed probability reaches this.",
     ),
     Setting(
         "FLUX_MCP_FAL_UPLOAD",
@@ -279,6 +309,9 @@ class Settings:
     model: str = DEFAULT_MODEL
     offload: str = "none"
     device: str = ""
+    safety_model: str = ""
+    safety_labels: tuple[str, ...] = DEFAULT_SAFETY_LABELS
+    safety_threshold: float = 0.5
     fal_upload: str = "cdn"
     fal_concurrency: int = 4
     max_cost_usd: float | None = None

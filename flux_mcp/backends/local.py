@@ -34,13 +34,16 @@ Fields that are not plain pipeline arguments:
   FLUX.2 (its tail hook subtracts the double block's tuple output from the single block's tensor).
   Eager, because diffusers' cache hooks are ``torch.compiler.disable``d and break a fullgraph compile.
   The cache decides per batch, so under ``high`` a batched image can differ slightly from a single run.
-- ``enable_safety_checker``: no classifier runs locally; a note says so and ``nsfw`` stays None.
+- ``enable_safety_checker``: with FLUX_MCP_SAFETY_MODEL set, ``safety.SafetyClassifier`` (loaded with
+  the model) scores the decoded outputs; like fal's checker, a flagged image is replaced by a black one,
+  ``nsfw`` is True and a note says so (``nsfw`` False otherwise). Unset: no check, a note says so and
+  ``nsfw`` stays None. With the flag off nothing is checked and ``nsfw`` is None.
 - ``sync_mode``: nothing is uploaded anywhere locally; a note says the flag has no effect.
 - ``enable_cns`` + ``cns_*``: ``cns.ColoredNoiseScheduler`` is swapped in and configured for the run
   (the plain scheduler otherwise) with this model's calibrated gamma matrix from the user cache dir,
   or the analytic stand-in; ``details["cns"]`` says which.
 
-torch is imported here; diffusers and ``cns`` (which imports it) only when the model loads. This
+torch is imported here; diffusers, transformers and ``cns`` only when the model loads. This
 module knows nothing about MCP, presets or the result store.
 """
 
@@ -71,6 +74,7 @@ from ..schema import MAX_SEED, EditRequest, output_size
 from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
 from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
 from .loras import AdapterCache, LoraFile, LoraFiles
+from .safety import SafetyClassifier, blacked_out
 
 __all__ = ["ACCELERATION", "LORA_FORMATS", "LocalBackend"]
 
@@ -124,7 +128,7 @@ class LocalBackend:
             "lora_formats": LORA_FORMATS,
             "lora_sources": "local .safetensors file, http(s) URL of one, or Hugging Face repo id",
             "acceleration": ACCELERATION,
-            "safety_checker": False,
+            "safety_checker": self.settings.safety_model or False,
         }
 
     async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
@@ -181,9 +185,9 @@ class LocalBackend:
             width, height, size_note = _output_size(request, references[0].size, engine.multiple)
             notes += [size_note] if size_note else []
             job = _Job(request, seeds, references, width, height, loras, notifier(progress, total))
-            # 4.-6. LoRA adapters, prompt embeddings, denoising: one worker thread
+            # 4.-6. LoRA adapters, prompt embeddings, denoising (and the safety check): one worker thread
             ran = time.perf_counter()
-            images, details = await finish_in_thread(engine.run, job, cancelled=job.cancelled)
+            images, nsfw, details = await finish_in_thread(engine.run, job, cancelled=job.cancelled)
             timings["inference"] = time.perf_counter() - ran
 
         # 7. Encode the outputs
@@ -191,8 +195,8 @@ class LocalBackend:
         encoded = await anyio.to_thread.run_sync(_encode_all, images, request.output_format)
         content_type = _CONTENT_TYPES[request.output_format]
         generated = [
-            GeneratedImage(data, content_type, image.width, image.height, seed)
-            for data, image, seed in zip(encoded, images, seeds, strict=True)
+            GeneratedImage(data, content_type, image.width, image.height, seed, flagged)
+            for data, image, seed, flagged in zip(encoded, images, seeds, nsfw, strict=True)
         ]
         timings["total"] = time.perf_counter() - started
         return BackendResult(generated, seeds[0], timings, notes + details.pop("notes"), details)
@@ -206,8 +210,9 @@ class LocalBackend:
         candidates = [
             (request.negative_prompt and request.guidance_scale <= 1,
              "negative_prompt had no effect: it only acts with guidance_scale above 1 (true CFG)."),
-            (request.enable_safety_checker,
-             "no safety check ran on the local backend (no classifier is configured); nsfw is unknown."),
+            (request.enable_safety_checker and not self.settings.safety_model,
+             "no safety check ran on the local backend (no classifier is configured: set "
+             "FLUX_MCP_SAFETY_MODEL); nsfw is unknown."),
             (request.sync_mode, "sync_mode has no effect on the local backend: nothing is uploaded anywhere."),
             (regular and not cuda, "acceleration 'regular' ran eager: torch.compile is used on CUDA only."),
             (regular and cuda and self.settings.offload == "sequential",
@@ -281,10 +286,14 @@ class _Interrupted(Exception):
 class _Engine:
     """The loaded pipeline and the state that lives with it; one worker thread at a time."""
 
-    def __init__(self, pipe: Any, device: torch.device, settings: Settings) -> None:
+    def __init__(
+        self, pipe: Any, device: torch.device, settings: Settings, safety: SafetyClassifier | None
+    ) -> None:
         self.pipe = pipe
         self.device = device
         self.settings = settings
+        #: The safety classifier (FLUX_MCP_SAFETY_MODEL), None when none is configured.
+        self.safety = safety
         #: Output sides must be multiples of this (VAE downsampling x 2x2 latent patches).
         self.multiple = pipe.vae_scale_factor * 2
         self.plain_scheduler = pipe.scheduler
@@ -303,6 +312,8 @@ class _Engine:
             raise BackendUnavailable(
                 f"FLUX_MCP_OFFLOAD={settings.offload} needs a CUDA device, and this backend runs on {device}; unset it."
             )
+        # The small classifier first: a broken one fails before minutes of loading the pipeline.
+        safety = SafetyClassifier.load(settings, device) if settings.safety_model else None
         from diffusers import Flux2KleinPipeline
 
         source = Path(settings.model).expanduser()
@@ -324,10 +335,10 @@ class _Engine:
             ) from exc
         except (OSError, ValueError, RuntimeError, TypeError, KeyError, ImportError) as exc:
             raise BackendUnavailable(_load_advice(settings.model, exc)) from exc
-        return cls(pipe, device, settings)
+        return cls(pipe, device, settings, safety)
 
-    def run(self, job: _Job) -> tuple[list[Image.Image], dict[str, Any]]:
-        """Steps 4-6 of an edit; returns the images and the details for the result."""
+    def run(self, job: _Job) -> tuple[list[Image.Image], list[bool | None], dict[str, Any]]:
+        """Steps 4-6 of an edit; returns the images, their NSFW flags and the details for the result."""
         request = job.request
         pipe = self.pipe
         notes: list[str] = []
@@ -364,6 +375,7 @@ class _Engine:
                 ).images
             if cns_info is not None:
                 cns_info.update(self.cns_scheduler.cns_info())
+            images, nsfw = self._safety_check(job, images, notes)
         except _Interrupted:
             pipe.maybe_free_model_hooks()  # offload hooks and cache state as after a finished call
             # Seen only if the flag was set yet no cancellation reached the awaiting task (else that wins).
@@ -389,7 +401,28 @@ class _Engine:
         }
         if cns_info is not None:
             details["cns"] = cns_info
-        return images, details
+        if nsfw[0] is not None:
+            details["safety_model"] = self.settings.safety_model
+        return images, nsfw, details
+
+    def _safety_check(
+        self, job: _Job, images: list[Image.Image], notes: list[str]
+    ) -> tuple[list[Image.Image], list[bool | None]]:
+        """Classify the outputs when asked and a classifier is set up; flagged images become black."""
+        if not job.request.enable_safety_checker or self.safety is None:
+            return images, [None] * len(images)
+        job.notify(job.request.num_inference_steps, "running the safety checker")
+        verdicts = self.safety.check(images)
+        for index, (seed, verdict) in enumerate(zip(job.seeds, verdicts, strict=True)):
+            if verdict.nsfw:
+                notes.append(
+                    f"image {index + 1} (seed {seed}) was flagged by the safety checker ({verdict.label}: "
+                    f"{verdict.score:.2f} >= {self.safety.threshold:g}) and replaced by a black image, as "
+                    "fal's checker does; set enable_safety_checker=false to keep such images."
+                )
+        checked = [blacked_out(image) if v.nsfw else image for image, v in zip(images, verdicts, strict=True)]
+        flags: list[bool | None] = [verdict.nsfw for verdict in verdicts]
+        return checked, flags
 
     def _set_sampler(self, job: _Job) -> dict[str, Any] | None:
         """Swap in the CNS scheduler configured for this run; returns a dict to fill with its info."""
@@ -448,7 +481,7 @@ class _Engine:
 
     def close(self) -> None:
         self.adapters.clear()
-        self.pipe = self.plain_scheduler = self.cns_scheduler = None
+        self.pipe = self.plain_scheduler = self.cns_scheduler = self.safety = None
         self._free_memory()
 
 
