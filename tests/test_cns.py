@@ -12,12 +12,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
-torch = pytest.importorskip("torch")
-
-from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
-
-from flux_mcp.backends.cns import (  # noqa: E402
+from flux_mcp.backends.cns import (
     CNSParams,
     ColoredNoiseScheduler,
     analytic_gamma_matrix,
@@ -35,8 +33,8 @@ from flux_mcp.backends.cns import (  # noqa: E402
     tilt_alpha,
     token_grid,
 )
-from flux_mcp.backends.tiny import build_tiny_pipeline, make_example_image  # noqa: E402
-from flux_mcp.schema import EditRequest  # noqa: E402
+from flux_mcp.backends.tiny import build_tiny_pipeline, make_example_image
+from flux_mcp.schema import EditRequest
 
 pytestmark = pytest.mark.local
 

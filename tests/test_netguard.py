@@ -333,7 +333,8 @@ def test_private_addresses_pass_with_allow_private(ip: str) -> None:
 @pytest.mark.parametrize("ip", PUBLIC)
 @pytest.mark.parametrize("allow_private", [False, True])
 def test_public_addresses_pass(ip: str, allow_private: bool) -> None:
-    check_address(ip, allow_private=allow_private)  # a decision only: nothing connects here
+    # A decision only: nothing connects here. Refusing would raise InvalidRequest.
+    assert check_address(ip, allow_private=allow_private) is None
 
 
 def test_messages_explain_the_address() -> None:
