@@ -157,6 +157,48 @@ def text_of(result: Any) -> str:
     return "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")
 
 
+# -- the local backend's tiny model (torch is imported only by the tests that use these) ------------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's matrices are too small to split: threads only contend (seen: 4-15x slower
+    on a busy 2-core machine), so local-backend tests run torch single-threaded."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random klein pipeline, saved once per test session like a downloaded model."""
+    from flux_mcp.backends.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def make_backend(tiny_model: Path, tmp_path: Path) -> Any:
+    """``make_backend(**settings)``: a LocalBackend on the tiny model, loaded through the real code."""
+    from flux_mcp.backends.local import LocalBackend
+    from flux_mcp.config import Settings
+
+    def make(**overrides: Any) -> LocalBackend:
+        settings = {
+            "model": str(tiny_model),
+            "device": "cpu",
+            "output_dir": tmp_path / "out",
+            "lora_cache": tmp_path / "lora-cache",
+            "input_roots": (tmp_path,),
+        }
+        return LocalBackend(Settings(**(settings | overrides)))
+
+    return make
+
+
 @pytest.fixture
 def emulator() -> Iterator[Any]:
     from .fal_emulator import FalEmulator

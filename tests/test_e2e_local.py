@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,6 @@ from .conftest import REPO, make_png, server_env, stdio_client, text_of
 pytestmark = [pytest.mark.anyio, pytest.mark.local]
 
 SMALL = {"prompt": "a watercolour", "num_inference_steps": 4, "image_size": {"width": 64, "height": 64}}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    from flux_mcp.backends.tiny import save_tiny_model
-
-    yield save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -28,31 +28,15 @@ from flux_mcp.backends.tiny import (
     make_example_image,
     make_lora_state_dict,
     save_lora,
-    save_tiny_model,
 )
-from flux_mcp.config import APP, Settings
+from flux_mcp.config import APP
 from flux_mcp.errors import BackendUnavailable, InputImageError, InvalidRequest
 from flux_mcp.schema import EditRequest
 
-pytestmark = pytest.mark.local
+pytestmark = [pytest.mark.local, pytest.mark.usefixtures("one_torch_thread")]
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """The tiny model's matrices are too small to split: threads only contend (seen: 4-15x slower
-    on a busy 2-core machine), so these tests run torch single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +44,6 @@ def tiny_transformer(tiny_model: Path) -> Any:
     from diffusers import Flux2Transformer2DModel
 
     return Flux2Transformer2DModel.from_pretrained(tiny_model / "transformer")
-
-
-@pytest.fixture
-def make_backend(tiny_model: Path, tmp_path: Path) -> Iterator[Callable[..., LocalBackend]]:
-    def make(**overrides: Any) -> LocalBackend:
-        settings = {
-            "model": str(tiny_model),
-            "device": "cpu",
-            "output_dir": tmp_path / "out",
-            "lora_cache": tmp_path / "lora-cache",
-            "input_roots": (tmp_path,),
-        }
-        return LocalBackend(Settings(**(settings | overrides)))
-
-    yield make
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +21,18 @@ from PIL import Image
 from flux_mcp.backends import BackendResult, InputImage
 from flux_mcp.backends.local import LocalBackend
 from flux_mcp.backends.safety import SafetyClassifier, blacked_out
-from flux_mcp.backends.tiny import make_example_image, save_tiny_model
+from flux_mcp.backends.tiny import make_example_image
 from flux_mcp.config import Settings
 from flux_mcp.errors import BackendUnavailable, ConfigError
 from flux_mcp.schema import EditRequest
 
-pytestmark = pytest.mark.local
+pytestmark = [pytest.mark.local, pytest.mark.usefixtures("one_torch_thread")]
 
 FLAGGED = "flagged by the safety checker"
 NO_CHECK = "no safety check ran on the local backend"
 
 
 # -- fixtures and helpers ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """Tiny matrices: threads only contend on a busy machine (see test_local_backend.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def save_classifier(directory: Path, bias: list[float], labels: list[str], multi_label: bool = False) -> Path:
@@ -71,11 +62,6 @@ def save_classifier(directory: Path, bias: list[float], labels: list[str], multi
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
 def always_nsfw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_classifier(tmp_path_factory.mktemp("nsfw") / "clf", [0.0, 10.0], ["normal", "nsfw"])
 
@@ -83,21 +69,6 @@ def always_nsfw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def always_normal(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_classifier(tmp_path_factory.mktemp("normal") / "clf", [10.0, 0.0], ["normal", "nsfw"])
-
-
-@pytest.fixture
-def make_backend(tiny_model: Path, tmp_path: Path) -> Callable[..., LocalBackend]:
-    def make(**overrides: Any) -> LocalBackend:
-        settings = {
-            "model": str(tiny_model),
-            "device": "cpu",
-            "output_dir": tmp_path / "out",
-            "lora_cache": tmp_path / "lora-cache",
-            "input_roots": (tmp_path,),
-        }
-        return LocalBackend(Settings(**(settings | overrides)))
-
-    return make
 
 
 def request(**fields: Any) -> EditRequest:
