@@ -56,30 +56,25 @@ def _cns_params(s_churn: float) -> CNSParams:
     return CNSParams.from_request(request)
 
 
-class _TimedStock(FlowMatchEulerDiscreteScheduler):
-    """The stock scheduler, adding up the seconds spent in ``step`` (benchmark only)."""
+class _TimedStep:
+    """Mixin for a scheduler: adds up the seconds spent in ``step`` (benchmark only)."""
 
     step_seconds = 0.0
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return super().step(*args, **kwargs)
+            return super().step(*args, **kwargs)  # type: ignore[misc]
         finally:
             self.step_seconds += time.perf_counter() - start
 
 
-class _TimedCNS(ColoredNoiseScheduler):
-    """The CNS scheduler, adding up the seconds spent in ``step`` (benchmark only)."""
+class _TimedStock(_TimedStep, FlowMatchEulerDiscreteScheduler):
+    """The stock scheduler, timed."""
 
-    step_seconds = 0.0
 
-    def step(self, *args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            return super().step(*args, **kwargs)
-        finally:
-            self.step_seconds += time.perf_counter() - start
+class _TimedCNS(_TimedStep, ColoredNoiseScheduler):
+    """The CNS scheduler, timed."""
 
 
 def bench_pipeline(size: int, steps: int, repeats: int, device: str, reference: bool) -> dict[str, float]:

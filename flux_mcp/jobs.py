@@ -219,10 +219,10 @@ class JobManager:
             job.outcome = await self.service.reload(job.record.tool, job.record.output)
         return job.outcome
 
-    def pending_view(self, job: Job) -> Any:
+    async def pending_view(self, job: Job) -> Any:
         """The structured "still running" result for a job's call."""
         if job.call is None:
-            job.call = self._rebuild_call(job.record)
+            job.call = await anyio.to_thread.run_sync(self._rebuild_call, job.record)
         return job.call.pending(job.record.info)
 
     # -- running ----------------------------------------------------------------------------------
@@ -306,7 +306,8 @@ class JobManager:
         for record in await anyio.to_thread.run_sync(scan):
             job = Job(record)
             self._jobs[record.info.id] = job
-            resumable = record.remote and record.backend == "fal" and self._backend_name() == "fal"
+            current = await anyio.to_thread.run_sync(self._backend_name)
+            resumable = record.remote and record.backend == "fal" and current == "fal"
             if not resumable:
                 self._finish(
                     job,
@@ -316,7 +317,7 @@ class JobManager:
                 job.finished.set()
                 await self._save(job)
                 continue
-            job.call = self._rebuild_call(record)
+            job.call = await anyio.to_thread.run_sync(self._rebuild_call, record)
             assert self._group is not None
             self._group.start_soon(self._run, job, dict(record.remote))
 
@@ -327,6 +328,7 @@ class JobManager:
             return None
 
     def _rebuild_call(self, record: JobRecord) -> PreparedCall:
+        """Blocking (reads the presets file, may create the backend): called from a worker thread."""
         presets, _, _ = self.service.library.snapshot()
         preset: Preset | None = presets.get(record.preset) if record.preset else None
         return PreparedCall(

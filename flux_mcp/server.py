@@ -157,7 +157,7 @@ async def _call_as_job(ctx: Context, tool: str, arguments: dict[str, Any]) -> Ca
             await state.jobs.cancel(job)
         raise
     if not finished:
-        return render_pending(job, state.jobs.pending_view(job))
+        return render_pending(job, await state.jobs.pending_view(job))
     return await _job_result(state.jobs, job)
 
 
@@ -169,7 +169,7 @@ async def _job_result(jobs: JobManager, job: Job) -> CallToolResult:
         raise ToolError(job.record.info.error or "the job failed")
     if job.state == "cancelled":
         raise ToolError(f"job {job.id} was cancelled; nothing was saved for it.")
-    return render_pending(job, jobs.pending_view(job))
+    return render_pending(job, await jobs.pending_view(job))
 
 
 async def edit_image(arguments: dict[str, Any], ctx: Context) -> Annotated[CallToolResult, EditOutput]:
@@ -250,7 +250,7 @@ def render_pending(job: Job, pending: BaseModel) -> CallToolResult:
 async def list_presets(ctx: Context) -> Annotated[CallToolResult, PresetsOutput]:
     """List presets (built-in and the user's), image-size presets, the LoRA library with trigger words,
     and the active backend with what it supports."""
-    return render_presets(_service(ctx).presets())
+    return render_presets(await anyio.to_thread.run_sync(_service(ctx).presets))
 
 
 def render_edit(outcome: EditOutcome) -> CallToolResult:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -230,6 +231,7 @@ class FluxService:
         self.store = ResultStore(settings.output_dir)
         self.library = PresetLibrary(settings.presets_file)
         self._backend = backend
+        self._backend_lock = threading.Lock()
 
     async def start(self) -> None:
         await anyio.to_thread.run_sync(self.store.ensure)
@@ -241,10 +243,14 @@ class FluxService:
 
     @property
     def backend(self) -> Backend:
-        """The backend, created on first use (so a server without a key still starts and lists presets)."""
-        if self._backend is None:
-            self._backend = create_backend(self.settings)
-        return self._backend
+        """The backend, created on first use (so a server without a key still starts and lists presets).
+
+        Blocking the first time (the local backend imports torch): async callers use a worker thread.
+        """
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = create_backend(self.settings)
+            return self._backend
 
     # -- edit_image -----------------------------------------------------------------------------
 
@@ -264,13 +270,14 @@ class FluxService:
         """Everything that can refuse a call, before anything is sent: arguments, preset, backend,
         inputs, price. Errors here are the caller's to fix and never leave a job behind."""
         model = CompareSeedsArgs if tool == "compare_seeds" else EditImageArgs
-        fields, preset, library_loras = self._validated(args, model)
+        # Off the event loop: the presets file may be re-read, and the first local backend imports torch.
+        fields, preset, library_loras = await anyio.to_thread.run_sync(self._validated, args, model)
         seeds = None
         if tool == "compare_seeds":
             seeds = list(fields.pop("seeds", None) or _random_seeds(fields.pop("count")))
             fields.pop("count", None)
         request = self._to_request(fields)
-        backend = self.backend
+        backend = await anyio.to_thread.run_sync(lambda: self.backend)
         inputs = await imaging.resolve_inputs(request.image_urls, self.settings, self.store)
         cost = estimate_cost(request, inputs, len(seeds) if seeds else request.num_images)
         self._check_cost(cost, backend)
@@ -379,6 +386,7 @@ class FluxService:
     # -- list_presets ---------------------------------------------------------------------------
 
     def presets(self) -> PresetsOutput:
+        """What list_presets shows. Blocking (reads the presets file, may create the backend)."""
         presets, loras, error = self.library.snapshot()
         try:
             backend: dict[str, Any] = {"name": self.backend.name, **self.backend.capabilities()}

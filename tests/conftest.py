@@ -76,9 +76,30 @@ def input_png(tmp_path: Path) -> Path:
     return path
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without any FLUX_MCP_* or FAL_* variable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m flux_mcp ARGS`` as a person would run it; stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "flux_mcp", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """Environment for a flux-mcp server subprocess: isolated dirs, inputs allowed from tmp_path/inputs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
+    env = clean_env()
     env.update(
         FLUX_MCP_OUTPUT_DIR=str(tmp_path / "out"),
         FLUX_MCP_INPUT_ROOTS=str(tmp_path / "inputs"),

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from flux_mcp.docs import update_readme
 
-from .conftest import REPO, data_uri, make_png
+from .conftest import REPO, clean_env, data_uri, make_png, run_cli
 
 
 def test_readme_tables_are_generated_from_the_code() -> None:
@@ -31,45 +29,25 @@ def test_readme_and_ci_use_the_same_test_command() -> None:
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flux_mcp", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
-
-
 def test_edit_without_any_backend_says_how_to_configure(tmp_path: Path) -> None:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
-    env |= {"FLUX_MCP_BACKEND": "fal", "FLUX_MCP_OUTPUT_DIR": str(tmp_path / "out")}
-    done = _cli("edit", data_uri(make_png()), "--prompt", "x", env=env)
+    env = clean_env(FLUX_MCP_BACKEND="fal", FLUX_MCP_OUTPUT_DIR=str(tmp_path / "out"))
+    done = run_cli("edit", data_uri(make_png()), "--prompt", "x", env=env)
     assert done.returncode == 1 and "FAL_KEY" in done.stderr and "Traceback" not in done.stderr
-    bad = _cli("edit", "x.png", "--prompt", "x", "--guidance-scale", "25", env=env)
+    bad = run_cli("edit", "x.png", "--prompt", "x", "--guidance-scale", "25", env=env)
     assert bad.returncode == 1 and "guidance_scale" in bad.stderr
 
 
 def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
-    import os
-
-    env = {**os.environ, "FLUX_MCP_FAL_CONCURRENCY": "lots"}
-    done = _cli("presets", env=env)
+    env = clean_env(FLUX_MCP_FAL_CONCURRENCY="lots")
+    done = run_cli("presets", env=env)
     assert done.returncode == 1 and "FLUX_MCP_FAL_CONCURRENCY" in done.stderr
 
 
 def test_edit_through_the_cli_against_the_emulator(tmp_path: Path, emulator, input_png: Path) -> None:  # type: ignore[no-untyped-def]
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
-    env |= emulator.env() | {
-        "FLUX_MCP_OUTPUT_DIR": str(tmp_path / "out"),
-        "FLUX_MCP_INPUT_ROOTS": str(tmp_path),
-    }
-    done = _cli(
+    env = clean_env(
+        **emulator.env(), FLUX_MCP_OUTPUT_DIR=str(tmp_path / "out"), FLUX_MCP_INPUT_ROOTS=str(tmp_path)
+    )
+    done = run_cli(
         "edit",
         str(input_png),
         "-p",
@@ -90,6 +68,6 @@ def test_edit_through_the_cli_against_the_emulator(tmp_path: Path, emulator, inp
     sent = emulator.submissions[0].payload
     assert sent["loras"] == [{"path": "https://x.example/l.safetensors", "scale": 0.5}]
     assert sent["image_size"] == {"width": 300, "height": 200} and sent["enable_safety_checker"] is False
-    compare = _cli("compare", str(input_png), "-p", "p", "--seeds", "1,2", "--json", "--quiet", env=env)
+    compare = run_cli("compare", str(input_png), "-p", "p", "--seeds", "1,2", "--json", "--quiet", env=env)
     assert compare.returncode == 0, compare.stderr
     assert [r["seed"] for r in json.loads(compare.stdout)["runs"]] == [1, 2]

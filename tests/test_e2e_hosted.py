@@ -8,8 +8,6 @@ import io
 import itertools
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,16 @@ import pytest
 from mcp import Client
 from PIL import Image
 
-from .conftest import REPO, data_uri, http_server, make_png, server_env, stdio_client, text_of
+from .conftest import (
+    clean_env,
+    data_uri,
+    http_server,
+    make_png,
+    run_cli,
+    server_env,
+    stdio_client,
+    text_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -252,16 +259,8 @@ async def test_every_cns_field_reaches_the_endpoint_unchanged(
 
 
 def test_the_demo_runs_against_the_hosted_endpoint_when_a_key_is_set(tmp_path: Path, emulator: Any) -> None:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))} | emulator.env()
-    done = subprocess.run(
-        [sys.executable, "-m", "flux_mcp", "demo", "--output-dir", str(tmp_path / "demo")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_cli(
+        "demo", "--output-dir", str(tmp_path / "demo"), env=clean_env(**emulator.env()), timeout=300
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "hosted endpoint" in done.stdout and "backend: fal" in done.stdout

@@ -7,8 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import REPO, make_png, server_env, stdio_client, text_of
+from .conftest import clean_env, make_png, run_cli, server_env, stdio_client, text_of
 
 pytestmark = [pytest.mark.anyio, pytest.mark.local]
 
@@ -216,26 +214,8 @@ async def test_a_long_local_edit_becomes_a_job(tmp_path: Path, tiny_model: Path)
 
 def test_calibrate_cns_writes_a_matrix_that_matrix_mode_then_uses(tmp_path: Path, tiny_model: Path) -> None:
     env = _env(tmp_path, tiny_model)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flux_mcp",
-            "calibrate-cns",
-            "--steps",
-            "6",
-            "--bins",
-            "8",
-            "--seeds",
-            "2",
-            "--size",
-            "64",
-        ],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    done = run_cli(
+        "calibrate-cns", "--steps", "6", "--bins", "8", "--seeds", "2", "--size", "64", env=env, timeout=300
     )
     assert done.returncode == 0, done.stderr
     path = Path(done.stdout.strip())
@@ -262,15 +242,8 @@ def test_calibrate_cns_writes_a_matrix_that_matrix_mode_then_uses(tmp_path: Path
 
 
 def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
-    env |= {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "flux_mcp", "demo", "--output-dir", str(tmp_path / "demo")],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    done = run_cli(
+        "demo", "--output-dir", str(tmp_path / "demo"), env=clean_env(OMP_NUM_THREADS="1"), timeout=600
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "RANDOM weights" in done.stdout

@@ -14,8 +14,6 @@ import contextlib
 import json
 import secrets
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from .conftest import REPO, data_uri, free_port, make_png, server_env, text_of
+from .conftest import data_uri, free_port, make_png, run_cli, server_env, text_of
 from .conftest import http_server as serve_http
 from .fal_emulator import FalEmulator
 
@@ -79,14 +77,7 @@ def test_serving_beyond_loopback_without_a_token_is_refused_before_binding(
         env["FLUX_MCP_HTTP_TOKEN"] = token
     with _hold_every_interface(port):
         started = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "flux_mcp", "serve", "--http", "--host", host, "--port", str(port)],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = run_cli("serve", "--http", "--host", host, "--port", str(port), env=env, timeout=30)
     assert done.returncode == 1, done.stderr
     assert f"Refusing to serve on {host}" in done.stderr and "FLUX_MCP_HTTP_TOKEN" in done.stderr
     assert "address already in use" not in done.stderr.lower(), "it tried to bind before refusing"

@@ -17,7 +17,6 @@ through its CLI, its MCP tools and its output folder.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import threading
 import time
@@ -30,7 +29,7 @@ import psutil
 import pytest
 from mcp import Client
 
-from .conftest import data_uri, http_server, make_png, text_of
+from .conftest import clean_env, data_uri, http_server, make_png, text_of
 from .fal_emulator import FalEmulator
 
 pytestmark = pytest.mark.anyio
@@ -66,8 +65,8 @@ class LoadReport:
 
 
 def server_environment(emu: FalEmulator, work: Path, concurrency: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLUX_MCP_", "FAL_"))}
     home = work / "home"
+    env = clean_env()
     env.update(
         emu.env(),
         HOME=str(home),
