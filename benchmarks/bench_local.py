@@ -5,7 +5,7 @@ Measures:
 1. the backend's overhead over a bare diffusers call: ``LocalBackend.edit`` (queue, thread hop,
    progress per step, input decoding, PNG encoding) against ``Flux2KleinPipeline.__call__`` on the same
    model, request, size and steps; median of ``--runs`` interleaved runs. Target: ratio <= 1.10.
-2. compare_seeds-style batching: ``edit_seeds`` with 4 seeds (one batched pass) against 4 sequential
+2. compare_seeds-style batching: ``run`` with 4 seeds (one batched pass) against 4 sequential
    ``edit`` calls. Target: speed-up >= 2.5x.
 
 Each is measured at every ``--configs`` entry (side:steps; default 128:8, where the model's time dominates,
@@ -31,7 +31,7 @@ from pathlib import Path
 import anyio
 import torch
 
-from flux_mcp.backends import InputImage
+from flux_mcp.backends import InputImage, RunContext, run_one
 from flux_mcp.backends.local import LocalBackend
 from flux_mcp.backends.tiny import make_example_image, save_tiny_model
 from flux_mcp.config import Settings
@@ -88,16 +88,16 @@ async def bench(size: int, steps: int, runs: int, workdir: Path) -> list[tuple[s
         await anyio.to_thread.run_sync(call)
 
     async def backend_call() -> None:
-        await backend.edit(request, inputs, _quiet)
+        await run_one(backend, request, inputs, RunContext(_quiet))
 
     seeds = [11, 12, 13, 14]
 
     async def batched() -> None:
-        await backend.edit_seeds(request, inputs, seeds, _quiet)
+        await backend.run([request.model_copy(update={"seed": s}) for s in seeds], inputs, RunContext(_quiet))
 
     async def sequential() -> None:
         for seed in seeds:
-            await backend.edit(request.model_copy(update={"seed": seed}), inputs, _quiet)
+            await run_one(backend, request.model_copy(update={"seed": seed}), inputs, RunContext(_quiet))
 
     await backend_call()  # loads the model
     await bare_call()
@@ -118,7 +118,7 @@ async def bench(size: int, steps: int, runs: int, workdir: Path) -> list[tuple[s
         ("bare pipeline call (median)", f"{bare_s * 1000:.1f} ms", "", ""),
         ("LocalBackend.edit (median)", f"{backend_s * 1000:.1f} ms", "", ""),
         ("overhead ratio", f"{ratio:.3f}", "<= 1.10", "ok" if ratio <= 1.10 else "MISSED"),
-        ("edit_seeds, 4 seeds, one batch (median)", f"{batch_s * 1000:.1f} ms", "", ""),
+        ("run, 4 seeds, one batch (median)", f"{batch_s * 1000:.1f} ms", "", ""),
         ("4 sequential edits (median)", f"{sequential_s * 1000:.1f} ms", "", ""),
         ("batch speed-up", f"{speedup:.2f}x", ">= 2.5x", "ok" if speedup >= 2.5 else "MISSED"),
     ]

@@ -10,8 +10,6 @@ Library errors become one readable line on stderr and exit code 1; stdout carrie
 from __future__ import annotations
 
 import argparse
-import hmac
-import ipaddress
 import json
 import logging
 import sys
@@ -30,8 +28,9 @@ __all__ = ["main"]
 
 logger = logging.getLogger("flux_mcp")
 
-#: Fields with a hand-made CLI form: positional images, --lora PATH[:SCALE], --image-size NAME|WxH.
-_SPECIAL = {"prompt", "image_urls", "loras", "image_size"}
+#: Fields with a hand-made CLI form: positional images, --lora PATH[:SCALE], --image-size NAME|WxH,
+#: --vary FIELD=V1,V2,...
+_SPECIAL = {"prompt", "image_urls", "loras", "image_size", "vary"}
 
 
 class _SecretFilter(logging.Filter):
@@ -88,6 +87,15 @@ def _add_request_options(parser: argparse.ArgumentParser, model: type[Any]) -> N
         default=argparse.SUPPRESS,
         help=f"output size: {', '.join(IMAGE_SIZE_PRESETS)} or WIDTHxHEIGHT",
     )
+    if "vary" in model.model_fields:
+        parser.add_argument(
+            "--vary",
+            action="append",
+            metavar="FIELD=V1,V2,...",
+            default=argparse.SUPPRESS,
+            help='a grid axis, e.g. guidance_scale=3,5,7 or loras.0.scale=0.5,1 or \'prompt=["a", "b"]\' '
+            "(a JSON list); repeat for a second axis",
+        )
     for name, info in model.model_fields.items():
         if name in _SPECIAL:
             continue
@@ -116,7 +124,28 @@ def _request_args(ns: argparse.Namespace, model: type[Any]) -> dict[str, Any]:
         args["loras"] = [_parse_lora(item) for item in ns.lora]
     if hasattr(ns, "image_size"):
         args["image_size"] = _parse_size(ns.image_size)
+    if hasattr(ns, "vary"):
+        args["vary"] = [_parse_axis(item) for item in ns.vary]
     return args
+
+
+def _parse_axis(item: str) -> dict[str, Any]:
+    """``FIELD=V1,V2`` (each value read as JSON when it parses: numbers, true/false) or ``FIELD=[JSON list]``."""
+    field, _, raw = item.partition("=")
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            return {"field": field.strip(), "values": json.loads(raw)}
+        except ValueError:
+            pass
+    return {"field": field.strip(), "values": [_json_or_text(part.strip()) for part in raw.split(",")]}
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _parse_lora(item: str) -> dict[str, Any]:
@@ -183,91 +212,32 @@ async def _run_compare(settings: Settings, args: dict[str, Any], quiet: bool, as
     if as_json:
         print(out.model_dump_json(indent=2))
         return
-    for run in out.runs:
-        print(f"seed {run.seed}\t{run.image.path if run.image else 'FAILED: ' + str(run.error)}")
+    cells = out.grid.cells if out.grid is not None else [None] * len(out.runs)
+    for run, cell in zip(out.runs, cells, strict=True):
+        where = run.image.path if run.image else "FAILED: " + str(run.error)
+        values = "".join(f"{k}={v}\t" for k, v in cell.values.items() if k != "seed") if cell else ""
+        print(f"{values}seed {run.seed}\t{where}")
 
 
 def _serve(settings: Settings, ns: argparse.Namespace) -> None:
-    from .server import build_server
+    from .server import serve_http, serve_stdio
 
-    server = build_server(settings)
-    if not ns.http:
-        server.run("stdio")
-        return
-    import uvicorn
-    from mcp.server.transport_security import TransportSecuritySettings
-
-    loopback = _is_loopback(ns.host)
-    if not loopback and not settings.http_token:
-        raise ConfigError(
-            f"Refusing to serve on {ns.host} without a token: set FLUX_MCP_HTTP_TOKEN (clients then send "
-            "'Authorization: Bearer <token>'), or bind to 127.0.0.1."
-        )
-    hosts = ["127.0.0.1", "localhost", "[::1]", ns.host, *ns.allow_host]
-    security = TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=[h for host in hosts for h in (host, f"{host}:{ns.port}")],
-        allowed_origins=[f"http://{h}:{ns.port}" for h in hosts] + [f"https://{h}" for h in hosts],
-    )
-    app: Any = server.streamable_http_app(
-        streamable_http_path=ns.path, transport_security=security, host=ns.host
-    )
-    if settings.http_token:
-        app = _BearerAuth(app, settings.http_token)
-    print(f"flux-mcp {__version__}: streamable HTTP on http://{ns.host}:{ns.port}{ns.path}", file=sys.stderr)
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level="warning")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-class _BearerAuth:
-    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <FLUX_MCP_HTTP_TOKEN>``."""
-
-    def __init__(self, app: Any, token: str) -> None:
-        self.app = app
-        self._expected = f"Bearer {token}".encode()
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self._expected):
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
-                    }
-                )
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b'{"error":"missing or wrong bearer token (FLUX_MCP_HTTP_TOKEN)"}',
-                    }
-                )
-                return
-        await self.app(scope, receive, send)
+    if ns.http:
+        serve_http(settings, host=ns.host, port=ns.port, path=ns.path, allow_hosts=ns.allow_host)
+    else:
+        serve_stdio(settings)
 
 
 def _presets(settings: Settings, as_json: bool) -> None:
-    from .server import render_presets
+    from .results import presets_summary
     from .service import FluxService
 
     out = FluxService(settings).presets()
-    if as_json:
-        print(out.model_dump_json(indent=2))
-    else:
-        print(render_presets(out).content[0].text)  # type: ignore[union-attr]
+    print(out.model_dump_json(indent=2) if as_json else presets_summary(out))
 
 
 def _schema(tool: str) -> None:
-    from .server import tool_input_schema
+    from .schema import tool_input_schema
 
     model = {"edit_image": EditImageArgs, "compare_seeds": CompareSeedsArgs, "request": EditRequest}[tool]
     print(json.dumps(tool_input_schema(model), indent=2))
@@ -327,7 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, model, help_text in (
         ("edit", EditImageArgs, "run one edit and print the saved file paths"),
-        ("compare", CompareSeedsArgs, "run one edit with several seeds and print seed -> file"),
+        (
+            "compare",
+            CompareSeedsArgs,
+            "run one edit with several seeds or on a grid (--vary); print cell -> file",
+        ),
     ):
         cmd = sub.add_parser(name, help=help_text)
         _add_request_options(cmd, model)

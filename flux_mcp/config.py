@@ -202,6 +202,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Refuse a call whose estimated price is above this many US dollars, before anything is sent.",
     ),
     Setting(
+        "FLUX_MCP_MAX_GRID_CELLS",
+        "max_grid_cells",
+        _int(2, 64),
+        "16",
+        "Most cells (images) one compare_seeds call may make: seeds x the values of each varied argument.",
+    ),
+    Setting(
         "FLUX_MCP_CALL_BUDGET_S",
         "call_budget_s",
         _float(1, 3600),
@@ -315,6 +322,7 @@ class Settings:
     fal_upload: str = "cdn"
     fal_concurrency: int = 4
     max_cost_usd: float | None = None
+    max_grid_cells: int = 16
     call_budget_s: float = 50.0
     job_timeout_s: float = 600.0
     download_timeout_s: float = 60.0

@@ -62,7 +62,7 @@ def _num(value: float) -> str:
 
 
 def render_tool(model: type[BaseModel]) -> str:
-    from .server import tool_input_schema
+    from .schema import tool_input_schema
 
     schema = tool_input_schema(model)
     required = set(schema.get("required", []))

@@ -8,8 +8,10 @@ normal "still running" result with the job id, and the work goes on: ``get_resul
 
 Job state is kept on disk beside the results (``<output dir>/jobs/<id>.json``, written atomically):
 a finished job can be collected after a server restart, and a hosted job that was still running
-when the server stopped is resumed by its fal request ids (``RunHooks.submitted`` records them the
-moment fal accepts a job). Local jobs cannot be resumed; a restart marks them failed, saying so.
+when the server stopped is resumed by its remote ids (``RunContext.submitted`` records them the
+moment the backend's service accepts a run) when the backend declares itself ``resumable``. Other
+jobs cannot be resumed; a restart marks them failed, saying so. A job record holds the prepared
+call as data (``CallSpec``), never a copy of its fields.
 
 Cancellation: a host's ``notifications/cancelled`` for a call still inside its budget cancels the
 job (that is what the host asked for); once the call has returned a job id, nothing but cancel_job
@@ -34,19 +36,10 @@ import anyio.abc
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
-from .backends import RunHooks, run_hooks
+from .backends import RunContext
 from .errors import FluxMCPError, NotFound
-from .presets import Preset
-from .schema import EditRequest
-from .service import (
-    CompareOutcome,
-    EditOutcome,
-    FluxService,
-    JobInfo,
-    PreparedCall,
-    ProgressFn,
-    public_params,
-)
+from .results import JobInfo
+from .service import CallSpec, FluxService, Outcome, PreparedCall, ProgressFn
 from .store import sweep_partial, write_atomic
 
 __all__ = ["Job", "JobManager", "JobRecord"]
@@ -65,15 +58,11 @@ class JobRecord(BaseModel):
     """What is kept on disk for one job."""
 
     info: JobInfo
-    tool: str
+    #: The backend that runs it (``Backend.name``): only that backend can resume it.
     backend: str
-    request: dict[str, Any]
-    preset: str | None = None
-    library_loras: list[dict[str, Any]] = []
-    seeds: list[int] | None = None
-    cost: float = 0.0
-    #: fal request id -> seed (None for edit_image), recorded as soon as fal accepted each job.
-    remote: dict[str, int | None] = {}
+    call: CallSpec
+    #: Run index -> the remote id the backend reported as soon as its service accepted the run.
+    remote: dict[int, str] = {}
     #: The structured result once done (EditOutput / CompareOutput as JSON).
     output: dict[str, Any] | None = None
 
@@ -87,7 +76,7 @@ class Job:
     finished: anyio.Event = field(default_factory=anyio.Event)
     scope: anyio.CancelScope | None = None
     listeners: list[ProgressFn] = field(default_factory=list)
-    outcome: EditOutcome | CompareOutcome | None = None
+    outcome: Outcome | None = None
 
     @property
     def id(self) -> str:
@@ -138,13 +127,8 @@ class JobManager:
         job_id = f"job-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(4)}"
         record = JobRecord(
             info=JobInfo(id=job_id, state="queued", created=now, updated=now, message="queued"),
-            tool=call.tool,
             backend=call.backend.name,
-            request=public_params(call.request),
-            preset=call.preset.name if call.preset else None,
-            library_loras=call.library_loras,
-            seeds=call.seeds,
-            cost=call.cost,
+            call=call.spec(),
         )
         job = Job(record, call)
         self._jobs[job_id] = job
@@ -212,11 +196,11 @@ class JobManager:
         self._jobs[job_id] = job
         return job
 
-    async def outcome(self, job: Job) -> EditOutcome | CompareOutcome:
+    async def outcome(self, job: Job) -> Outcome:
         """The finished job's result, rebuilt from disk when it ran before a restart."""
         if job.outcome is None:
             assert job.record.output is not None
-            job.outcome = await self.service.reload(job.record.tool, job.record.output)
+            job.outcome = await self.service.reload(job.record.call.kind, job.record.output)
         return job.outcome
 
     async def pending_view(self, job: Job) -> Any:
@@ -227,7 +211,7 @@ class JobManager:
 
     # -- running ----------------------------------------------------------------------------------
 
-    async def _run(self, job: Job, remote: dict[str, int | None] | None) -> None:
+    async def _run(self, job: Job, remote: dict[int, str] | None) -> None:
         assert job.call is not None
         info = job.record.info
 
@@ -238,21 +222,18 @@ class JobManager:
             for listener in list(job.listeners):
                 await _safe(listener, value, total, message)
 
-        async def submitted(request_id: str, seed: int | None) -> None:
-            job.record.remote[request_id] = seed
+        async def submitted(index: int, remote_id: str) -> None:
+            job.record.remote[index] = remote_id
             await self._save(job)
 
-        token = run_hooks.set(RunHooks(submitted=submitted, detached=lambda: self._shutting_down))
+        ctx = RunContext(progress, submitted, detached=lambda: self._shutting_down)
         try:
             with anyio.CancelScope() as scope:
                 job.scope = scope
                 info.state = "running"
                 await self._save(job)
                 try:
-                    if remote:
-                        outcome = await self.service.collect(job.call, remote, progress)
-                    else:
-                        outcome = await self.service.run(job.call, progress)
+                    outcome = await self.service.run(job.call, ctx, remote)
                 except FluxMCPError as exc:
                     self._finish(job, "failed", error=str(exc))
                 except Exception:
@@ -263,13 +244,12 @@ class JobManager:
                     job.record.output = outcome.output.model_dump(mode="json")
                     self._finish(job, "done", message="done")
         finally:
-            run_hooks.reset(token)
             if info.state not in FINAL_STATES:
                 if not self._shutting_down:
                     self._finish(job, "cancelled", message="cancelled")
                 elif not job.record.remote:
                     self._finish(job, "failed", error="interrupted: the server shut down before it finished")
-                # else: left "running" on disk, resumed by its fal request ids at the next start
+                # else: left "running" on disk, resumed by its remote ids at the next start
             job.call = None  # its input images are not needed any more
             job.finished.set()
             with anyio.CancelScope(shield=True):
@@ -306,9 +286,7 @@ class JobManager:
         for record in await anyio.to_thread.run_sync(scan):
             job = Job(record)
             self._jobs[record.info.id] = job
-            current = await anyio.to_thread.run_sync(self._backend_name)
-            resumable = record.remote and record.backend == "fal" and current == "fal"
-            if not resumable:
+            if not record.remote or not await anyio.to_thread.run_sync(self._can_resume, record):
                 self._finish(
                     job,
                     "failed",
@@ -321,26 +299,17 @@ class JobManager:
             assert self._group is not None
             self._group.start_soon(self._run, job, dict(record.remote))
 
-    def _backend_name(self) -> str | None:
+    def _can_resume(self, record: JobRecord) -> bool:
+        """Blocking (may create the backend): whether the current backend can collect this job's runs."""
         try:
-            return self.service.backend.name
+            backend = self.service.backend
         except FluxMCPError:
-            return None
+            return False
+        return backend.resumable and backend.name == record.backend
 
     def _rebuild_call(self, record: JobRecord) -> PreparedCall:
-        """Blocking (reads the presets file, may create the backend): called from a worker thread."""
-        presets, _, _ = self.service.library.snapshot()
-        preset: Preset | None = presets.get(record.preset) if record.preset else None
-        return PreparedCall(
-            tool=record.tool,
-            request=EditRequest.model_validate(record.request),
-            preset=preset,
-            library_loras=record.library_loras,
-            inputs=[],
-            seeds=record.seeds,
-            cost=record.cost,
-            backend=self.service.backend,
-        )
+        """Blocking (may create the backend): called from a worker thread."""
+        return PreparedCall.from_spec(record.call, self.service.backend)
 
     async def _save(self, job: Job) -> None:
         data = job.record.model_dump_json(indent=2).encode()

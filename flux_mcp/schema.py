@@ -29,7 +29,9 @@ __all__ = [
     "ImageSize",
     "ImageSizePreset",
     "LoraWeight",
+    "VaryAxis",
     "output_size",
+    "tool_input_schema",
 ]
 
 ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base/edit/lora"
@@ -311,6 +313,16 @@ EditImageArgs = _derived(
     "EditImageArgs", "Arguments of edit_image: every endpoint input plus a preset.", preset=_PRESET_FIELD
 )
 
+
+class VaryAxis(BaseModel):
+    """One axis of a compare_seeds grid: a request field and the values it takes."""
+
+    model_config = _STRICT
+
+    field: str = Field(max_length=40, description="e.g. guidance_scale, loras.0.scale, prompt")
+    values: list[Any] = Field(min_length=2, max_length=8)
+
+
 _CompareSeedsBase = _derived(
     "CompareSeedsBase",
     "Arguments of compare_seeds: edit_image's minus seed and num_images, plus seeds or count.",
@@ -320,9 +332,9 @@ _CompareSeedsBase = _derived(
         list[int] | None,
         Field(
             None,
-            min_length=2,
+            min_length=1,
             max_length=8,
-            description="2-8 distinct seeds to compare. Give either seeds or count, not both.",
+            description="2-8 distinct seeds to compare (1 is enough with vary). Give either seeds or count, not both.",
             json_schema_extra={"items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED}},
         ),
     ),
@@ -330,9 +342,22 @@ _CompareSeedsBase = _derived(
         int | None,
         Field(
             None,
-            ge=2,
+            ge=1,
             le=8,
-            description="How many random seeds to compare (2-8; the seeds are reported). Give either seeds or count.",
+            description="How many random seeds to compare (2-8, or 1+ with vary; reported). Give either seeds or count.",
+        ),
+    ),
+    vary=(
+        list[VaryAxis] | None,
+        Field(
+            None,
+            min_length=1,
+            max_length=2,
+            description=(
+                "Grid: 1-2 axes {field, values (2-8)}, all at one seed unless seeds/count give more (a shared random "
+                "seed if neither). field: a numeric/enum/boolean argument (guidance_scale, num_inference_steps, "
+                "acceleration, cns_s_churn...), loras.N.scale or prompt. Cells are capped (16 by default)."
+            ),
         ),
     ),
 )
@@ -341,14 +366,40 @@ _CompareSeedsBase = _derived(
 class CompareSeedsArgs(_CompareSeedsBase):  # type: ignore[misc,valid-type]
     @model_validator(mode="after")
     def _seeds_or_count(self) -> CompareSeedsArgs:
-        if (self.seeds is None) == (self.count is None):
-            raise ValueError("give exactly one of 'seeds' (2-8 distinct integers) or 'count' (2-8)")
+        if self.seeds is not None and self.count is not None:
+            raise ValueError("give either 'seeds' or 'count', not both")
+        if self.vary is None:
+            if self.seeds is None and self.count is None:
+                raise ValueError(
+                    "give 'seeds' (2-8 distinct integers) or 'count' (2-8), or 'vary' for a grid"
+                )
+            if len(self.seeds or [0, 0]) < 2 or (self.count or 2) < 2:
+                raise ValueError("compare at least 2 seeds, or give 'vary' to compare parameters at one seed")
         if self.seeds is not None:
             if len(set(self.seeds)) != len(self.seeds):
                 raise ValueError("'seeds' must be distinct integers")
             if any(s < 0 or s > MAX_SEED for s in self.seeds):
                 raise ValueError(f"every seed in 'seeds' must be between 0 and {MAX_SEED}")
         return self
+
+
+def tool_input_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON Schema with every ``$ref`` inlined (several hosts do not follow $defs)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                target = inline(defs[ref.split("/")[-1]])
+                return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return inline(schema)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ This module knows nothing about fal, torch or the file layout of the store.
 from __future__ import annotations
 
 import base64
+import hmac
+import ipaddress
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,10 +33,21 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .config import Settings
-from .errors import FluxMCPError, NotFound
+from .errors import ConfigError, FluxMCPError, NotFound
 from .jobs import Job, JobManager
-from .schema import CompareSeedsArgs, EditImageArgs
-from .service import CompareOutcome, CompareOutput, EditOutcome, EditOutput, FluxService, PresetsOutput
+from .results import (
+    CompareOutcome,
+    CompareOutput,
+    EditOutcome,
+    EditOutput,
+    PresetsOutput,
+    compare_summary,
+    edit_summary,
+    pending_summary,
+    presets_summary,
+)
+from .schema import CompareSeedsArgs, EditImageArgs, tool_input_schema
+from .service import FluxService
 
 __all__ = [
     "AppState",
@@ -42,7 +56,8 @@ __all__ = [
     "render_edit",
     "render_pending",
     "render_presets",
-    "tool_input_schema",
+    "serve_http",
+    "serve_stdio",
 ]
 
 logger = logging.getLogger("flux_mcp")
@@ -73,25 +88,6 @@ class _RawArguments(ArgModelBase):
 
     def model_dump_one_level(self) -> dict[str, Any]:
         return {"arguments": dict(self.model_extra or {})}
-
-
-def tool_input_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON Schema with every ``$ref`` inlined (several hosts do not follow $defs)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def inline(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref")
-            if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                target = inline(defs[ref.split("/")[-1]])
-                return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
-            return {k: inline(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [inline(v) for v in node]
-        return node
-
-    return inline(schema)
 
 
 def _model_tool(
@@ -184,11 +180,12 @@ async def edit_image(arguments: dict[str, Any], ctx: Context) -> Annotated[CallT
 
 
 async def compare_seeds(arguments: dict[str, Any], ctx: Context) -> Annotated[CallToolResult, CompareOutput]:
-    """Run the same edit with 2-8 seeds and return one labelled contact sheet.
+    """Run the same edit with 2-8 seeds, or on a grid of 1-2 varied arguments at a fixed seed (vary),
+    and return one labelled contact sheet.
 
     Give `seeds` (explicit) or `count` (random seeds, reported). Every image is saved with its own id;
-    re-run edit_image with the seed you like, or use its flux://images/<id> as the next input.
-    Long runs return a job id; collect the result with get_result.
+    re-run edit_image with the seed (and, for a grid, the cell's values: grid.cells) you like, or use its
+    flux://images/<id> as the next input. Long runs return a job id; collect the result with get_result.
     """
     return await _call_as_job(ctx, "compare_seeds", arguments)
 
@@ -234,16 +231,9 @@ async def cancel_job(
 
 
 def render_pending(job: Job, pending: BaseModel) -> CallToolResult:
-    info = job.record.info
-    done = f"{info.progress:g}/{info.total:g}" if info.total else f"{info.progress:g}"
-    text = (
-        f"Still running after the server's time budget: job {job.id} ({info.state}, progress {done}: "
-        f"{info.message or 'working'}). The work continues on the server and every image will be saved. "
-        f"Call get_result with job_id={job.id!r} (and wait_s up to a minute) to collect it, "
-        "or cancel_job to stop it."
-    )
     return CallToolResult(
-        content=[TextContent(type="text", text=text)], structured_content=pending.model_dump(mode="json")
+        content=[TextContent(type="text", text=pending_summary(job.record.info))],
+        structured_content=pending.model_dump(mode="json"),
     )
 
 
@@ -255,17 +245,7 @@ async def list_presets(ctx: Context) -> Annotated[CallToolResult, PresetsOutput]
 
 def render_edit(outcome: EditOutcome) -> CallToolResult:
     out = outcome.output
-    lines = [
-        f"Edited {len(out.images)} image(s) on {out.backend} ({out.endpoint}), seed {out.seed}, "
-        f"{out.params['num_inference_steps']} steps"
-        + (f", preset {out.preset}" if out.preset else "")
-        + f"; estimated cost ${out.estimated_cost_usd:.3f}.",
-    ]
-    for i, img in enumerate(out.images, 1):
-        lines.append(f"{i}. {img.uri} -> {img.path} ({img.width}x{img.height}, seed {img.seed})")
-    lines += _tail(out.library_loras, out.notes)
-    lines.append("To keep editing a result, pass its flux://images/<id> in image_urls.")
-    content: list[ContentBlock] = [TextContent(type="text", text="\n".join(lines))]
+    content: list[ContentBlock] = [TextContent(type="text", text=edit_summary(out))]
     content += [_image_block(p) for p in outcome.previews]
     content += [_link(img.uri, img.id, img.content_type, img.width, img.height) for img in out.images]
     return CallToolResult(content=content, structured_content=out.model_dump(mode="json"))
@@ -273,70 +253,23 @@ def render_edit(outcome: EditOutcome) -> CallToolResult:
 
 def render_compare(outcome: CompareOutcome) -> CallToolResult:
     out = outcome.output
-    ok = [r for r in out.runs if r.image is not None]
-    lines = [
-        f"Compared {len(out.runs)} seeds on {out.backend} ({len(ok)} succeeded"
-        + (f", {len(out.failed_seeds)} failed" if out.failed_seeds else "")
-        + f"); estimated cost ${out.estimated_cost_usd:.3f}. The contact sheet is labelled by seed."
-    ]
-    for run in out.runs:
-        if run.image is not None:
-            lines.append(f"- seed {run.seed}: {run.image.uri} -> {run.image.path}")
-        else:
-            lines.append(f"- seed {run.seed}: FAILED: {run.error}")
-    lines += _tail(out.library_loras, out.notes)
-    lines.append(
-        "Next: call edit_image with the seed you prefer (e.g. with preset 'quality'), "
-        "or pass that image's flux://images/<id> in image_urls to edit it further."
-    )
     content: list[ContentBlock] = [
-        TextContent(type="text", text="\n".join(lines)),
+        TextContent(type="text", text=compare_summary(out)),
         _image_block(outcome.sheet),
     ]
     content += [
         _link(r.image.uri, f"seed {r.seed}", r.image.content_type, r.image.width, r.image.height)
-        for r in ok
+        for r in out.runs
         if r.image is not None
     ]
     return CallToolResult(content=content, structured_content=out.model_dump(mode="json"))
 
 
 def render_presets(out: PresetsOutput) -> CallToolResult:
-    lines = ["Presets (arguments you give always win over a preset's):"]
-    for p in out.presets:
-        params = ", ".join(f"{k}={v}" for k, v in p.params.items())
-        lines.append(f"- {p.name} [{p.source}]: {p.description} ({params})")
-    lines.append("Image sizes: " + ", ".join(f"{s.name} {s.width}x{s.height}" for s in out.image_sizes))
-    if out.loras:
-        lines.append("LoRA library (use the name as loras[].path):")
-        for lora in out.loras:
-            trigger = f", trigger word {lora.trigger_word!r}" if lora.trigger_word else ""
-            lines.append(f"- {lora.name}: {lora.description} (scale {lora.scale:g}{trigger}; {lora.path})")
-    else:
-        lines.append(f"LoRA library: empty (add [loras.NAME] entries to {out.presets_file}).")
-    if out.presets_file_error:
-        lines.append(f"WARNING: the presets file could not be used: {out.presets_file_error}")
-    backend = out.backend
-    if backend.get("name"):
-        lines.append("Backend: " + ", ".join(f"{k}={v}" for k, v in backend.items()))
-    else:
-        lines.append(f"Backend: not available: {backend.get('error')}")
     return CallToolResult(
-        content=[TextContent(type="text", text="\n".join(lines))],
+        content=[TextContent(type="text", text=presets_summary(out))],
         structured_content=out.model_dump(mode="json"),
     )
-
-
-def _tail(library_loras: list[Any], notes: list[str]) -> list[str]:
-    lines = []
-    for lora in library_loras:
-        if lora.trigger_word:
-            lines.append(
-                f"LoRA {lora.name!r} has the trigger word {lora.trigger_word!r}: include it in the prompt "
-                "if it is not there (the prompt was sent as you wrote it)."
-            )
-    lines += [f"Note: {n}" for n in notes]
-    return lines
 
 
 def _image_block(jpeg: bytes) -> ImageContent:
@@ -405,7 +338,7 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
         _model_tool(
             compare_seeds,
             name="compare_seeds",
-            title="Compare seeds of one edit",
+            title="Compare seeds or parameters of one edit",
             description=compare_seeds.__doc__ or "",
             args_model=CompareSeedsArgs,
             annotations=writes,
@@ -458,3 +391,75 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
         return data
 
     return server
+
+
+# -- serving ------------------------------------------------------------------------------------
+
+
+def serve_stdio(settings: Settings) -> None:
+    """Serve MCP over stdio (what Claude Desktop and most hosts start)."""
+    build_server(settings).run("stdio")
+
+
+def serve_http(settings: Settings, *, host: str, port: int, path: str, allow_hosts: list[str]) -> None:
+    """Serve streamable HTTP at ``http://host:port/path``. Loopback by default; any other address needs
+    FLUX_MCP_HTTP_TOKEN, checked on every request. DNS-rebinding protection stays on (``allow_hosts``
+    adds accepted Host names)."""
+    import uvicorn
+    from mcp.server.transport_security import TransportSecuritySettings
+
+    if not _is_loopback(host) and not settings.http_token:
+        raise ConfigError(
+            f"Refusing to serve on {host} without a token: set FLUX_MCP_HTTP_TOKEN (clients then send "
+            "'Authorization: Bearer <token>'), or bind to 127.0.0.1."
+        )
+    hosts = ["127.0.0.1", "localhost", "[::1]", host, *allow_hosts]
+    security = TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[h for name in hosts for h in (name, f"{name}:{port}")],
+        allowed_origins=[f"http://{h}:{port}" for h in hosts] + [f"https://{h}" for h in hosts],
+    )
+    app: Any = build_server(settings).streamable_http_app(
+        streamable_http_path=path, transport_security=security, host=host
+    )
+    if settings.http_token:
+        app = _BearerAuth(app, settings.http_token)
+    print(f"flux-mcp {__version__}: streamable HTTP on http://{host}:{port}{path}", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class _BearerAuth:
+    """ASGI middleware: every HTTP request must carry ``Authorization: Bearer <FLUX_MCP_HTTP_TOKEN>``."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+                    }
+                )
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b'{"error":"missing or wrong bearer token (FLUX_MCP_HTTP_TOKEN)"}',
+                    }
+                )
+                return
+        await self.app(scope, receive, send)

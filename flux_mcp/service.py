@@ -1,197 +1,149 @@
-"""The library API both faces use: preset -> request -> inputs -> backend -> store -> result.
+"""The library API both faces use: preset -> request -> runs -> backend -> store -> result.
 
-``FluxService.edit`` and ``FluxService.compare`` take the caller's raw arguments (a dict, exactly as
-given, so a preset can fill only what the caller left out), validate them into the one request
-model, estimate the price, resolve the inputs, run the backend and write every image to the store
-before returning. The results are plain pydantic models plus preview bytes; the MCP server and the
-CLI only render them.
+A call is prepared once (``FluxService.prepare``): the caller's raw arguments (a dict, exactly as
+given, so a preset can fill only what the caller left out) are validated into the one request
+model, expanded into a list of runs (one ``EditRequest`` per output cell: edit_image is one run,
+compare_seeds one per seed or grid cell), priced by the backend and checked against the cost ceiling,
+and the inputs are resolved. ``FluxService.run`` hands any such list to the backend and writes every
+image to the store before returning; the call's *kind* only decides the output model and whether a
+contact sheet or grid is drawn. The results are the models of ``results``; the faces render them.
 
 This module knows nothing about MCP or about how a backend talks to its model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
 from . import images as imaging
-from .backends import Backend, BackendResult, GeneratedImage, InputImage, SeedOutcome, create_backend
+from . import sheets
+from .backends import (
+    Backend,
+    BackendResult,
+    GeneratedImage,
+    InputImage,
+    RunContext,
+    RunOutcome,
+    create_backend,
+)
 from .config import Settings
-from .errors import BackendError, BackendUnavailable, CostLimitExceeded, FluxMCPError, InvalidRequest
+from .errors import CostLimitExceeded, FluxMCPError, InvalidRequest
+from .grid import expand
 from .presets import LoraEntry, Preset, PresetLibrary, apply_preset, describe_validation_error
-from .schema import IMAGE_SIZE_PRESETS, MAX_SEED, CompareSeedsArgs, EditImageArgs, EditRequest, output_size
+from .process import process_effects
+from .results import (
+    CompareOutcome,
+    CompareOutput,
+    EditOutcome,
+    EditOutput,
+    Grid,
+    GridAxis,
+    GridCell,
+    ImageOut,
+    ImageSizeOut,
+    JobInfo,
+    LoraOut,
+    LoraUse,
+    PresetOut,
+    PresetsOutput,
+    SeedRun,
+)
+from .schema import IMAGE_SIZE_PRESETS, MAX_SEED, CompareSeedsArgs, EditImageArgs, EditRequest, VaryAxis
 from .store import ResultStore, StoredFile
 
-__all__ = [
-    "PRICE_PER_MEGAPIXEL_USD",
-    "CompareOutcome",
-    "CompareOutput",
-    "EditOutcome",
-    "EditOutput",
-    "FluxService",
-    "ImageOut",
-    "JobInfo",
-    "PreparedCall",
-    "PresetsOutput",
-    "ProgressFn",
-    "public_params",
-]
+__all__ = ["CallSpec", "FluxService", "Kind", "Outcome", "PreparedCall", "ProgressFn", "public_params"]
 
-#: Published price of the hosted endpoint: inputs (counted at ~1 MP each) plus outputs.
-PRICE_PER_MEGAPIXEL_USD = 0.02
 #: All previews of one call together stay under this many bytes (base64 adds a third; hosts cap ~1 MiB).
 PREVIEW_BUDGET_BYTES = 450_000
 
 ProgressFn = Callable[[float, float | None, str], Awaitable[None]]
+#: What a call is: one edit (edit_image) or a comparison of cells (compare_seeds, with or without a grid).
+Kind = Literal["edit", "compare"]
+Outcome = EditOutcome | CompareOutcome
+_KIND_OF_TOOL: dict[str, Kind] = {"edit_image": "edit", "compare_seeds": "compare"}
 
 
-class ImageOut(BaseModel):
-    """One stored result image."""
+class CallSpec(BaseModel):
+    """A prepared call as data: what a job record keeps to resume or re-render the call."""
 
-    id: str = Field(description="Store id; pass flux://images/<id> in image_urls to edit it further.")
-    uri: str = Field(description="flux://images/<id>: readable as an MCP resource (full resolution).")
-    path: str = Field(description="Absolute path of the saved file.")
-    width: int
-    height: int
-    content_type: str
-    seed: int = Field(description="Seed that reproduces this image.")
-    nsfw: bool | None = Field(None, description="The backend's safety flag; null when no check ran.")
-
-
-class LoraUse(BaseModel):
-    name: str
-    path: str
-    trigger_word: str | None = None
-
-
-class JobInfo(BaseModel):
-    """A call that outlived its time budget keeps running on the server as a job."""
-
-    id: str = Field(description="Pass to get_result (to collect) or cancel_job (to stop).")
-    state: Literal["queued", "running", "done", "failed", "cancelled"]
-    progress: float = 0.0
-    total: float | None = None
-    message: str = ""
-    created: str
-    updated: str
-    error: str | None = None
-
-
-class _CallOutput(BaseModel):
-    job: JobInfo | None = Field(
-        None, description="Set when the call is still running as a job: collect it with get_result."
-    )
-    prompt: str
-    backend: str
-    endpoint: str
-    params: dict[str, Any] = Field(description="The effective request after the preset was applied.")
+    kind: Kind
+    #: The effective request after the preset (public form: data URIs shortened).
+    request: dict[str, Any]
+    #: One request per run (cell), in order.
+    runs: list[dict[str, Any]]
+    #: Each run's values on the grid's axes ({} for edit_image).
+    values: list[dict[str, Any]]
+    #: The varied axes (empty unless ``vary`` was given).
+    axes: list[GridAxis] = []
     preset: str | None = None
-    timings: dict[str, float] = Field(default_factory=dict)
-    estimated_cost_usd: float = Field(
-        description="Estimated price on the hosted endpoint ($0.02 per megapixel)."
-    )
-    notes: list[str] = Field(
-        default_factory=list, description="Caveats to read, e.g. a field the backend adjusted."
-    )
-    library_loras: list[LoraUse] = Field(
-        default_factory=list, description="Library LoRAs used, with trigger words to put in the prompt."
-    )
-    details: dict[str, Any] = Field(
-        default_factory=dict, description="Backend facts (request id, CNS gamma)."
-    )
-
-
-class EditOutput(_CallOutput):
-    """Structured result of edit_image."""
-
-    images: list[ImageOut] = Field(default_factory=list)
-    seed: int | None = Field(None, description="Seed of the first image; image i used seed + i.")
-
-
-class SeedRun(BaseModel):
-    seed: int
-    image: ImageOut | None = None
-    error: str | None = None
-
-
-class CompareOutput(_CallOutput):
-    """Structured result of compare_seeds."""
-
-    runs: list[SeedRun] = Field(
-        default_factory=list, description="One entry per seed, in the order of the contact sheet."
-    )
-    seeds: list[int] = Field(default_factory=list)
-    failed_seeds: list[int] = Field(default_factory=list)
-
-
-class PresetOut(BaseModel):
-    name: str
-    description: str
-    source: str = Field(description="'built-in' or the path of the user's presets file.")
-    params: dict[str, Any]
-
-
-class ImageSizeOut(BaseModel):
-    name: str
-    width: int
-    height: int
-
-
-class LoraOut(BaseModel):
-    name: str
-    path: str
-    scale: float
-    trigger_word: str | None
-    description: str
-
-
-class PresetsOutput(BaseModel):
-    """Structured result of list_presets."""
-
-    presets: list[PresetOut]
-    image_sizes: list[ImageSizeOut]
-    loras: list[LoraOut]
-    backend: dict[str, Any] = Field(description="The active backend and what it supports.")
-    presets_file: str | None
-    presets_file_error: str | None = None
-
-
-@dataclass
-class EditOutcome:
-    output: EditOutput
-    previews: list[bytes]
-
-
-@dataclass
-class CompareOutcome:
-    output: CompareOutput
-    sheet: bytes
+    library_loras: list[dict[str, Any]] = []
+    cost: float = 0.0
+    billed: bool = True
 
 
 @dataclass
 class PreparedCall:
-    """A validated call, ready to run: what ``FluxService.prepare`` checked and resolved."""
+    """A validated call, ready to run: a kind plus a list of run requests, priced, inputs resolved."""
 
-    tool: str
+    kind: Kind
     request: EditRequest
-    preset: Preset | None
+    runs: list[EditRequest]
+    values: list[dict[str, Any]]
+    axes: list[GridAxis]
+    preset: str | None
     library_loras: list[dict[str, Any]]
     inputs: list[InputImage]
-    #: compare_seeds only: one run per seed.
-    seeds: list[int] | None
     cost: float
+    billed: bool
     backend: Backend
+
+    def spec(self) -> CallSpec:
+        return CallSpec(
+            kind=self.kind,
+            request=public_params(self.request),
+            runs=[public_params(run) for run in self.runs],
+            values=self.values,
+            axes=self.axes,
+            preset=self.preset,
+            library_loras=self.library_loras,
+            cost=self.cost,
+            billed=self.billed,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: CallSpec, backend: Backend) -> PreparedCall:
+        """The call again (without its input bytes: enough to collect submitted runs and to render)."""
+        return cls(
+            kind=spec.kind,
+            request=EditRequest.model_validate(spec.request),
+            runs=[EditRequest.model_validate(run) for run in spec.runs],
+            values=spec.values,
+            axes=spec.axes,
+            preset=spec.preset,
+            library_loras=spec.library_loras,
+            inputs=[],
+            cost=spec.cost,
+            billed=spec.billed,
+            backend=backend,
+        )
+
+    @property
+    def seeds(self) -> list[int]:
+        return [run.seed for run in self.runs if run.seed is not None]
 
     def pending(self, job: JobInfo) -> EditOutput | CompareOutput:
         """The structured result of a call that is still running as ``job``."""
@@ -201,13 +153,14 @@ class PreparedCall:
             "backend": self.backend.name,
             "endpoint": self.backend.endpoint,
             "params": public_params(self.request),
-            "preset": self.preset.name if self.preset else None,
+            "preset": self.preset,
             "estimated_cost_usd": self.cost,
             "library_loras": [LoraUse(**lora) for lora in self.library_loras],
         }
-        if self.seeds is None:
+        if self.kind == "edit":
             return EditOutput(seed=self.request.seed, **common)
-        return CompareOutput(seeds=self.seeds, **common)
+        grid = Grid(axes=self.axes, cells=[]) if self.axes else None
+        return CompareOutput(seeds=sorted(set(self.seeds), key=self.seeds.index), grid=grid, **common)
 
 
 class _Monotonic:
@@ -232,14 +185,19 @@ class FluxService:
         self.library = PresetLibrary(settings.presets_file)
         self._backend = backend
         self._backend_lock = threading.Lock()
+        self._effects = ExitStack()
 
     async def start(self) -> None:
+        self._effects.enter_context(process_effects(self.settings))
         await anyio.to_thread.run_sync(self.store.ensure)
         await anyio.to_thread.run_sync(self.store.sweep)
 
     async def aclose(self) -> None:
-        if self._backend is not None:
-            await self._backend.aclose()
+        try:
+            if self._backend is not None:
+                await self._backend.aclose()
+        finally:
+            self._effects.close()
 
     @property
     def backend(self) -> Backend:
@@ -252,132 +210,114 @@ class FluxService:
                 self._backend = create_backend(self.settings)
             return self._backend
 
-    # -- edit_image -----------------------------------------------------------------------------
+    # -- calls --------------------------------------------------------------------------------------
 
     async def edit(self, args: dict[str, Any], progress: ProgressFn | None = None) -> EditOutcome:
         """edit_image in one go: prepare, run, store."""
-        outcome = await self.run(await self.prepare("edit_image", args), progress)
+        outcome = await self.run(await self.prepare("edit_image", args), RunContext(_Monotonic(progress)))
         assert isinstance(outcome, EditOutcome)
         return outcome
 
     async def compare(self, args: dict[str, Any], progress: ProgressFn | None = None) -> CompareOutcome:
         """compare_seeds in one go: prepare, run, store."""
-        outcome = await self.run(await self.prepare("compare_seeds", args), progress)
+        outcome = await self.run(await self.prepare("compare_seeds", args), RunContext(_Monotonic(progress)))
         assert isinstance(outcome, CompareOutcome)
         return outcome
 
     async def prepare(self, tool: str, args: dict[str, Any]) -> PreparedCall:
-        """Everything that can refuse a call, before anything is sent: arguments, preset, backend,
-        inputs, price. Errors here are the caller's to fix and never leave a job behind."""
-        model = CompareSeedsArgs if tool == "compare_seeds" else EditImageArgs
+        """Everything that can refuse a call, before anything is sent: arguments, preset, the runs and
+        their number, backend, inputs, price. Errors here are the caller's to fix and leave nothing behind."""
+        kind = _KIND_OF_TOOL[tool]
+        model = CompareSeedsArgs if kind == "compare" else EditImageArgs
         # Off the event loop: the presets file may be re-read, and the first local backend imports torch.
         fields, preset, library_loras = await anyio.to_thread.run_sync(self._validated, args, model)
-        seeds = None
-        if tool == "compare_seeds":
-            seeds = list(fields.pop("seeds", None) or _random_seeds(fields.pop("count")))
-            fields.pop("count", None)
-        request = self._to_request(fields)
+        if kind == "edit":
+            request = self._to_request(fields)
+            runs, values, axes = [request], [{}], []
+        else:
+            request, runs, values, axes = self._cells(fields)
         backend = await anyio.to_thread.run_sync(lambda: self.backend)
         inputs = await imaging.resolve_inputs(request.image_urls, self.settings, self.store)
-        cost = estimate_cost(request, inputs, len(seeds) if seeds else request.num_images)
-        self._check_cost(cost, backend)
-        return PreparedCall(tool, request, preset, library_loras, inputs, seeds, cost, backend)
-
-    async def run(
-        self, call: PreparedCall, progress: ProgressFn | None = None
-    ) -> EditOutcome | CompareOutcome:
-        """Run a prepared call on its backend and store every image before returning."""
-        report = _Monotonic(progress)
-        started = time.perf_counter()
-        if call.seeds is None:
-            result = await call.backend.edit(call.request, call.inputs, report)
-            await report(report.last, None, "saving results")
-            return await self._finish_edit(call, result, started)
-        outcomes = await call.backend.edit_seeds(call.request, call.inputs, call.seeds, report)
-        await report(report.last, None, "saving results")
-        return await self._finish_compare(call, outcomes, started)
-
-    async def collect(
-        self, call: PreparedCall, remote: dict[str, int | None], progress: ProgressFn | None = None
-    ) -> EditOutcome | CompareOutcome:
-        """Finish a call whose jobs were already submitted (by request id), e.g. after a restart."""
-        report = _Monotonic(progress)
-        started = time.perf_counter()
-        collect = getattr(call.backend, "collect", None)
-        if collect is None:
-            raise BackendUnavailable(f"the {call.backend.name} backend cannot resume submitted jobs")
-        if call.seeds is None:
-            (request_id,) = remote
-            result = await collect(request_id, call.request, report)
-            return await self._finish_edit(call, result, started)
-        by_seed = {seed: rid for rid, seed in remote.items()}
-        outcomes: list[SeedOutcome] = []
-        for seed in call.seeds:
-            if seed not in by_seed:
-                outcomes.append(BackendError("this seed was not submitted before the server restarted"))
-                continue
-            try:
-                outcomes.append(
-                    await collect(by_seed[seed], call.request.model_copy(update={"seed": seed}), report)
-                )
-            except FluxMCPError as exc:
-                outcomes.append(exc)
-        return await self._finish_compare(call, outcomes, started)
-
-    async def _finish_edit(self, call: PreparedCall, result: BackendResult, started: float) -> EditOutcome:
-        stored = await self._store_all(result.images, call.request, call, result)
-        output = EditOutput(
-            images=[_image_out(s) for s in stored], seed=result.seed, **self._common(call, result, started)
+        estimate = backend.estimate_cost(runs, inputs)
+        self._check_cost(estimate.usd, estimate.billed)
+        return PreparedCall(
+            kind=kind,
+            request=request,
+            runs=runs,
+            values=values,
+            axes=axes,
+            preset=preset.name if preset else None,
+            library_loras=library_loras,
+            inputs=inputs,
+            cost=estimate.usd,
+            billed=estimate.billed,
+            backend=backend,
         )
-        previews = await anyio.to_thread.run_sync(_previews, [img.data for img in result.images])
+
+    async def run(self, call: PreparedCall, ctx: RunContext, remote: dict[int, str] | None = None) -> Outcome:
+        """Run a prepared call's runs on its backend (or, given ``remote`` ids, collect runs it submitted
+        before a restart) and store every image before returning."""
+        report = _Monotonic(ctx.progress)
+        ctx = dataclasses.replace(ctx, progress=report)
+        started = time.perf_counter()
+        if remote is None:
+            outcomes = await call.backend.run(call.runs, call.inputs, ctx)
+        else:
+            outcomes = await call.backend.collect(remote, call.runs, ctx)
+        await report(report.last, None, "saving results")
+        if call.kind == "edit":
+            return await self._finish_edit(call, outcomes[0], started)
+        return await self._finish_compare(call, outcomes, started)
+
+    async def _finish_edit(self, call: PreparedCall, outcome: RunOutcome, started: float) -> EditOutcome:
+        if isinstance(outcome, FluxMCPError):
+            raise outcome
+        stored = await self._store_all(outcome.images, call.runs[0], call, outcome)
+        output = EditOutput(
+            images=[_image_out(s) for s in stored], seed=outcome.seed, **self._common(call, outcome, started)
+        )
+        previews = await anyio.to_thread.run_sync(_previews, [img.data for img in outcome.images])
         return EditOutcome(output, previews)
 
     async def _finish_compare(
-        self, call: PreparedCall, outcomes: list[SeedOutcome], started: float
+        self, call: PreparedCall, outcomes: list[RunOutcome], started: float
     ) -> CompareOutcome:
-        assert call.seeds is not None
         runs: list[SeedRun] = []
-        cells: list[tuple[bytes | None, str]] = []
+        tiles: list[bytes | None] = []
         notes: list[str] = []
-        details: dict[str, Any] = {}
-        timings: dict[str, float] = {}
-        for seed, outcome in zip(call.seeds, outcomes, strict=True):
+        summary = BackendResult(images=[], seed=call.runs[0].seed or 0)
+        for request, outcome in zip(call.runs, outcomes, strict=True):
+            seed = request.seed if request.seed is not None else 0
             if isinstance(outcome, BackendResult):
-                seeded = call.request.model_copy(update={"seed": seed, "num_images": 1})
-                (stored,) = await self._store_all(outcome.images[:1], seeded, call, outcome)
+                (stored,) = await self._store_all(outcome.images[:1], request, call, outcome)
                 runs.append(SeedRun(seed=seed, image=_image_out(stored)))
-                cells.append((outcome.images[0].data, f"seed {seed}"))
+                tiles.append(outcome.images[0].data)
                 notes.extend(n for n in outcome.notes if n not in notes)
-                details = details or outcome.details
-                timings = timings or outcome.timings
+                summary.details = summary.details or outcome.details
+                summary.timings = summary.timings or outcome.timings
             else:
                 runs.append(SeedRun(seed=seed, error=str(outcome)))
-                cells.append((None, f"seed {seed} (failed)"))
-        summary = BackendResult(images=[], seed=call.seeds[0], timings=timings, notes=notes, details=details)
+                tiles.append(None)
+        summary.notes = notes
         output = CompareOutput(
             runs=runs,
-            seeds=call.seeds,
+            seeds=sorted(set(call.seeds), key=call.seeds.index),
             failed_seeds=[r.seed for r in runs if r.error is not None],
+            grid=_grid(call.axes, call.values, runs),
             **self._common(call, summary, started),
         )
-        sheet = await anyio.to_thread.run_sync(imaging.contact_sheet, cells)
+        sheet = await anyio.to_thread.run_sync(_sheet, output, tiles)
         return CompareOutcome(output, sheet)
 
-    async def reload(self, tool: str, output: dict[str, Any]) -> EditOutcome | CompareOutcome:
+    async def reload(self, kind: Kind, output: dict[str, Any]) -> Outcome:
         """Rebuild a finished call's outcome from its structured output and the stored files
         (previews and contact sheets are made from the same bytes, so they come out the same)."""
 
-        def build() -> EditOutcome | CompareOutcome:
-            if tool == "compare_seeds":
+        def build() -> Outcome:
+            if kind == "compare":
                 parsed = CompareOutput.model_validate(output)
-                cells = [
-                    (
-                        self.store.read(r.image.id)[0] if r.image else None,
-                        f"seed {r.seed}" if r.image else f"seed {r.seed} (failed)",
-                    )
-                    for r in parsed.runs
-                ]
-                return CompareOutcome(parsed, imaging.contact_sheet(cells))
+                tiles = [self.store.read(r.image.id)[0] if r.image else None for r in parsed.runs]
+                return CompareOutcome(parsed, _sheet(parsed, tiles))
             edit = EditOutput.model_validate(output)
             return EditOutcome(edit, _previews([self.store.read(img.id)[0] for img in edit.images]))
 
@@ -429,19 +369,41 @@ class FluxService:
         except ValidationError as exc:  # pragma: no cover - the tool models are derived from EditRequest
             raise InvalidRequest(_validation_message(exc, None)) from None
 
-    def _check_cost(self, cost: float, backend: Backend) -> None:
+    def _cells(
+        self, fields: dict[str, Any]
+    ) -> tuple[EditRequest, list[EditRequest], list[dict[str, Any]], list[GridAxis]]:
+        """compare_seeds' runs: one per seed, or one per grid cell (axes x seeds), within the cap."""
+        seeds = fields.pop("seeds", None)
+        count = fields.pop("count", None)
+        vary = [VaryAxis.model_validate(axis) for axis in fields.pop("vary", None) or []]
+        seeds = list(seeds or _random_seeds(count or 1))
+        request = self._to_request(fields)
+        cells = math.prod(len(axis.values) for axis in vary) * len(seeds)
+        if cells > self.settings.max_grid_cells:
+            raise InvalidRequest(
+                f"vary: this grid would make {cells} images, more than FLUX_MCP_MAX_GRID_CELLS="
+                f"{self.settings.max_grid_cells}; nothing was run. Use fewer values or seeds (or raise the limit).",
+                field="vary" if vary else "seeds",
+            )
+        axes, grid_cells = expand(request, vary, seeds)
+        runs = [cell.request for cell in grid_cells]
+        values = [cell.values for cell in grid_cells]
+        labelled = [GridAxis(field=axis.field, values=axis.values) for axis in axes] if vary else []
+        return request, runs, values, labelled
+
+    def _check_cost(self, cost: float, billed: bool) -> None:
         ceiling = self.settings.max_cost_usd
-        if backend.name == "fal" and ceiling is not None and cost > ceiling:
+        if billed and ceiling is not None and cost > ceiling:
             raise CostLimitExceeded(
                 f"estimated cost ${cost:.3f} is above FLUX_MCP_MAX_COST_USD=${ceiling:g}; nothing was sent. "
-                "Use fewer or smaller images (num_images, image_size, seeds/count) or raise the limit.",
+                "Use fewer or smaller images (num_images, image_size, seeds/count, vary values) or raise the limit.",
                 field="num_images",
             )
 
     async def _store_all(
         self, generated: list[GeneratedImage], request: EditRequest, call: PreparedCall, result: BackendResult
     ) -> list[StoredFile]:
-        preset, backend, library_loras = call.preset, call.backend, call.library_loras
+        backend = call.backend
         params = public_params(request)
         created = datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -459,9 +421,9 @@ class FluxService:
                     "height": image.height,
                     "nsfw": image.nsfw,
                     "source_url": image.source_url,
-                    "preset": preset.name if preset else None,
+                    "preset": call.preset,
                     "request": params,
-                    "library_loras": library_loras,
+                    "library_loras": call.library_loras,
                     "timings": result.timings,
                     "notes": result.notes,
                     "details": result.details,
@@ -472,19 +434,19 @@ class FluxService:
         return await anyio.to_thread.run_sync(write)
 
     def _common(self, call: PreparedCall, result: BackendResult, started: float) -> dict[str, Any]:
-        request, preset, backend = call.request, call.preset, call.backend
         timings = {**result.timings, "call_s": round(time.perf_counter() - started, 3)}
         notes = list(result.notes)
-        if backend.name != "fal":
+        if not call.billed:
             notes.append(
-                "estimated_cost_usd is what the hosted endpoint would charge; the local run costs nothing."
+                f"estimated_cost_usd is what the hosted endpoint would charge; the {call.backend.name} run "
+                "costs nothing."
             )
         return {
-            "prompt": request.prompt,
-            "backend": backend.name,
-            "endpoint": backend.endpoint,
-            "params": public_params(request),
-            "preset": preset.name if preset else None,
+            "prompt": call.request.prompt,
+            "backend": call.backend.name,
+            "endpoint": call.backend.endpoint,
+            "params": public_params(call.request),
+            "preset": call.preset,
             "timings": timings,
             "estimated_cost_usd": call.cost,
             "notes": notes,
@@ -496,12 +458,30 @@ class FluxService:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def estimate_cost(request: EditRequest, inputs: list[InputImage], outputs: int) -> float:
-    """$0.02 per megapixel of input (each counted at ~1 MP, as the endpoint resizes them) plus output."""
-    size = output_size(request, inputs[0].size if inputs else None)
-    out_mp = (size[0] * size[1] / 1e6) if size else 1.0
-    total_mp = len(inputs) * 1.0 + outputs * out_mp
-    return round(total_mp * PRICE_PER_MEGAPIXEL_USD, 4)
+def _grid(axes: list[GridAxis], values: list[dict[str, Any]], runs: list[SeedRun]) -> Grid | None:
+    """The grid's structured form (only when arguments were varied): each cell's values -> id, seed, path."""
+    if not axes:
+        return None
+    cells = [
+        GridCell(
+            values=cell_values,
+            seed=run.seed,
+            image_id=run.image.id if run.image else None,
+            path=run.image.path if run.image else None,
+            error=run.error,
+        )
+        for cell_values, run in zip(values, runs, strict=True)
+    ]
+    return Grid(axes=axes, cells=cells)
+
+
+def _sheet(output: CompareOutput, tiles: list[bytes | None]) -> bytes:
+    """The labelled grid of a parameter comparison, or the contact sheet of a seed comparison."""
+    if output.grid is not None:
+        shared = [] if any(a.field == "seed" for a in output.grid.axes) else output.seeds[:1]
+        return sheets.grid_sheet(output.grid.axes, tiles, caption=" ".join(f"seed {s}" for s in shared))
+    labels = [f"seed {r.seed}" if r.image else f"seed {r.seed} (failed)" for r in output.runs]
+    return imaging.contact_sheet(list(zip(tiles, labels, strict=True)))
 
 
 def _random_seeds(count: int) -> list[int]:

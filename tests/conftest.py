@@ -174,6 +174,13 @@ def http_server(env: dict[str, str], log: Path | None = None, verbose: bool = Fa
                 proc.wait(10)
 
 
+async def edit_once(backend: Any, request: Any, inputs: list[Any], progress: Any) -> Any:
+    """One request on a backend through the Backend protocol: its result, or its error raised."""
+    from flux_mcp.backends import RunContext, run_one
+
+    return await run_one(backend, request, inputs, RunContext(progress))
+
+
 def text_of(result: Any) -> str:
     return "\n".join(block.text for block in result.content if getattr(block, "type", "") == "text")
 

@@ -85,9 +85,8 @@ async def test_a_call_past_its_budget_becomes_a_job_that_get_result_collects(
     assert _blocks(again) == _blocks(done)
     assert len(emulator.submissions) == 1, "the job ran once; get_result only collects"
     record = json.loads((tmp_path / "out" / "jobs" / f"{job['id']}.json").read_text())
-    assert record["info"]["state"] == "done" and list(record["remote"]) == [
-        emulator.submissions[0].request_id
-    ]
+    assert record["info"]["state"] == "done" and record["remote"] == {"0": emulator.submissions[0].request_id}
+    assert record["call"]["kind"] == "edit" and len(record["call"]["runs"]) == 1
 
 
 async def test_cancel_job_reaches_fals_cancel(tmp_path: Path, emulator: Any, input_png: Path) -> None:

@@ -136,7 +136,8 @@ async def test_compare_seeds_explicit_and_random(tmp_path: Path, emulator: Any, 
     sheet = Image.open(io.BytesIO(base64.b64decode(images[0].data)))
     assert sheet.format == "JPEG" and len(base64.b64decode(images[0].data)) < 700_000
     assert "edit_image" in text_of(explicit) and "flux://images/" in text_of(explicit)
-    assert out["estimated_cost_usd"] == pytest.approx(0.02 * (1 + 3 * 64 * 48 / 1e6), abs=1e-4)
+    # Each seed is its own fal request, charged for its input (~1 MP) and its output.
+    assert out["estimated_cost_usd"] == pytest.approx(3 * 0.02 * (1 + 64 * 48 / 1e6), abs=1e-4)
     seeds = random.structured_content["seeds"]
     assert len(seeds) == 2 and len(set(seeds)) == 2
     assert sorted(s.payload["seed"] for s in emulator.submissions[3:5]) == sorted(seeds)
@@ -187,7 +188,7 @@ async def test_cost_ceiling_refuses_before_anything_is_sent(
             "compare_seeds", {**BASE, "image_urls": [str(input_png)], "count": 4, "image_size": "square_hd"}
         )
         allowed = await client.call_tool("edit_image", {**BASE, "image_urls": [str(input_png)]})
-    assert refused.is_error and "FLUX_MCP_MAX_COST_USD" in text_of(refused) and "$0.10" in text_of(refused)
+    assert refused.is_error and "FLUX_MCP_MAX_COST_USD" in text_of(refused) and "$0.164" in text_of(refused)
     assert not allowed.is_error
     assert len(emulator.submissions) == 1 and emulator.uploads and len(emulator.uploads) == 1
 

@@ -20,7 +20,7 @@ import fal_client.client
 import pytest
 from PIL import Image
 
-from flux_mcp.backends import BackendResult, InputImage, RunHooks, run_hooks
+from flux_mcp.backends import BackendResult, InputImage, RunContext
 from flux_mcp.backends.fal import ATTEMPTS, FalBackend
 from flux_mcp.config import Settings
 from flux_mcp.errors import (
@@ -32,6 +32,7 @@ from flux_mcp.errors import (
 )
 from flux_mcp.schema import ENDPOINT_ID, EditRequest
 
+from .conftest import edit_once
 from .fal_emulator import FalEmulator
 
 RED = (220, 30, 30)
@@ -53,8 +54,10 @@ def emu(shared_emulator: FalEmulator, monkeypatch: pytest.MonkeyPatch) -> FalEmu
     monkeypatch.setenv("SSL_CERT_FILE", emulator.ca_path)
     for name in ("QUEUE_URL_FORMAT", "RUN_URL_FORMAT"):
         monkeypatch.setattr(fal_client.client, name, emulator.base_url + "/")
-    for name in ("REST_URL", "CDN_URL"):  # the backend sets them from settings; restored after
-        monkeypatch.setattr(fal_client.client, name, getattr(fal_client.client, name))
+    # What ``process_effects`` does for a service (FLUX_MCP_FAL_REST_URL/CDN_URL): these tests make
+    # the backend without one. Uploads must never fall through to fal's own hosts.
+    for name in ("REST_URL", "CDN_URL"):
+        monkeypatch.setattr(fal_client.client, name, emulator.base_url)
     return emulator
 
 
@@ -135,7 +138,7 @@ async def test_edit_sends_the_payload_and_returns_images_at_the_requested_size(
     req = request(seed=7, num_images=2, num_inference_steps=4, image_size={"width": 48, "height": 40})
     progress = Recorder()
 
-    result = await backend.edit(req, [local_input()], progress)
+    result = await edit_once(backend, req, [local_input()], progress)
 
     [submission] = emu.submissions
     [(upload_type, upload_bytes)] = emu.uploads
@@ -170,7 +173,7 @@ async def test_data_uri_mode_inlines_local_inputs_instead_of_uploading(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
     backend = make_backend(fal_upload="data-uri")
-    await backend.edit(request(seed=1), [local_input()], Recorder())
+    await edit_once(backend, request(seed=1), [local_input()], Recorder())
     [sent] = emu.submissions[0].payload["image_urls"]
     header, _, encoded = sent.partition(",")
     assert header == "data:image/png;base64"
@@ -184,7 +187,7 @@ async def test_urls_pass_through_unchanged_and_order_is_kept(
 ) -> None:
     url = "https://example.com/photos/cat.png?x=1"
     inputs = [InputImage(source=url, url=url), local_input(png(color=(0, 0, 200)))]
-    result = await make_backend().edit(request(seed=3), inputs, Recorder())
+    result = await edit_once(make_backend(), request(seed=3), inputs, Recorder())
     sent = emu.submissions[0].payload["image_urls"]
     assert sent[0] == url and sent[1].startswith(emu.base_url + "/files/")
     assert len(emu.uploads) == 1
@@ -196,8 +199,8 @@ async def test_sync_mode_images_come_back_inline(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
     emu.flag_nsfw = True
-    result = await make_backend().edit(
-        request(seed=5, sync_mode=True, output_format="webp"), [local_input()], Recorder()
+    result = await edit_once(
+        make_backend(), request(seed=5, sync_mode=True, output_format="webp"), [local_input()], Recorder()
     )
     [image] = result.images
     assert image.source_url is None and image.content_type == "image/webp" and image.nsfw is True
@@ -209,7 +212,7 @@ async def test_sync_mode_images_come_back_inline(
 async def test_a_random_seed_is_reported_back(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
-    result = await make_backend().edit(request(num_images=2), [local_input()], Recorder())
+    result = await edit_once(make_backend(), request(num_images=2), [local_input()], Recorder())
     assert "seed" not in emu.submissions[0].payload
     assert [image.seed for image in result.images] == [result.seed, result.seed + 1]
 
@@ -231,7 +234,7 @@ async def test_cancelling_the_caller_cancels_the_fal_request(
     emu.latency_s = 10.0
     backend = make_backend()
     async with anyio.create_task_group() as group:
-        group.start_soon(backend.edit, request(seed=1), [local_input()], Recorder())
+        group.start_soon(edit_once, backend, request(seed=1), [local_input()], Recorder())
         await wait_for_submissions(emu, 1)
         await anyio.sleep(0.2)  # let it poll a little
         started = time.monotonic()
@@ -246,28 +249,27 @@ async def test_a_detached_run_is_left_running_on_fal_and_collected_later(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
     emu.latency_s = 0.6
-    announced: dict[str, int | None] = {}
+    announced: dict[int, str] = {}
+    accepted = anyio.Event()
 
-    async def submitted(request_id: str, seed: int | None) -> None:
-        announced[request_id] = seed
+    async def submitted(index: int, request_id: str) -> None:
+        announced[index] = request_id
+        accepted.set()
 
-    token = run_hooks.set(RunHooks(submitted=submitted, detached=lambda: True))  # a server shutting down
-    try:
-        async with anyio.create_task_group() as group:
-            group.start_soon(make_backend().edit, request(seed=4), [local_input()], Recorder())
-            with anyio.fail_after(10):
-                while not announced:
-                    await anyio.sleep(0.02)
-            group.cancel_scope.cancel()
-    finally:
-        run_hooks.reset(token)
+    ctx = RunContext(Recorder(), submitted, detached=lambda: True)  # a server shutting down
+    async with anyio.create_task_group() as group:
+        group.start_soon(make_backend().run, [request(seed=4)], [local_input()], ctx)
+        with anyio.fail_after(10):
+            await accepted.wait()
+        group.cancel_scope.cancel()
     [submission] = emu.submissions
-    assert announced == {submission.request_id: 4}
+    assert announced == {0: submission.request_id}
     assert emu.cancellations == []
 
     progress = Recorder()  # a fresh backend, as after a restart
-    result = await make_backend().collect(submission.request_id, request(seed=4), progress)
+    [result] = await make_backend().collect(announced, [request(seed=4)], RunContext(progress))
     assert len(emu.submissions) == 1, "collected, not submitted again"
+    assert isinstance(result, BackendResult)
     assert result.details["request_id"] == submission.request_id and result.images[0].seed == 4
     assert progress.events[-1][:2] == (28, 28)
 
@@ -276,8 +278,10 @@ async def test_a_detached_run_is_left_running_on_fal_and_collected_later(
 async def test_collecting_an_unknown_request_is_a_clear_error(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
-    with pytest.raises(BackendError, match="HTTP 404 to the status request"):
-        await make_backend().collect("no-such-request", request(seed=1), Recorder())
+    [outcome] = await make_backend().collect(
+        {0: "no-such-request"}, [request(seed=1)], RunContext(Recorder())
+    )
+    assert isinstance(outcome, BackendError) and "HTTP 404 to the status request" in str(outcome)
 
 
 @pytest.mark.anyio
@@ -288,7 +292,7 @@ async def test_a_job_stuck_in_the_queue_times_out_and_is_cancelled(
     backend = make_backend(job_timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(BackendTimeout, match="FLUX_MCP_JOB_TIMEOUT_S") as caught:
-        await backend.edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(backend, request(seed=1), [local_input()], Recorder())
     assert time.monotonic() - started < 3
     assert emu.cancellations == [emu.submissions[0].request_id]
     assert_clean(caught.value, emu)
@@ -306,7 +310,7 @@ async def test_a_422_names_the_field_to_change(
     ]
     emu.add_fault("submit", "http", status=422, body={"detail": detail})
     with pytest.raises(InvalidRequest) as caught:
-        await make_backend().edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
     assert caught.value.field == "guidance_scale"
     assert "guidance_scale: Input should be less than or equal to 20 — change guidance_scale" in str(
         caught.value
@@ -322,7 +326,7 @@ async def test_the_emulators_own_validation_reaches_the_caller_as_invalid_reques
     bad = request(seed=1).model_copy(update={"image_urls": urls})
     inputs = [InputImage(source=u, url=u) for u in urls]
     with pytest.raises(InvalidRequest) as caught:
-        await make_backend().edit(bad, inputs, Recorder())
+        await edit_once(make_backend(), bad, inputs, Recorder())
     assert caught.value.field == "image_urls"
 
 
@@ -335,7 +339,7 @@ async def test_overload_bursts_are_retried_until_success(
     emu.add_fault("result", "http", times=1, status=502)
     emu.add_fault("result", "reset", times=1)  # our own GET: retried by us
     emu.add_fault("status", "reset", times=1)  # through fal-client: retried by it
-    result = await make_backend().edit(request(seed=2), [local_input()], Recorder())
+    result = await edit_once(make_backend(), request(seed=2), [local_input()], Recorder())
     assert len(result.images) == 1
     statuses = [status for _, _, status in emu.log]
     assert statuses.count(503) == 2 and statuses.count(429) == 2 and statuses.count(502) == 1
@@ -349,7 +353,7 @@ async def test_persistent_overload_gives_up_in_bounded_time(
     emu.add_fault("submit", "http", times=None, status=503)
     started = time.monotonic()
     with pytest.raises(BackendUnavailable, match="HTTP 503") as caught:
-        await make_backend().edit(request(seed=2), [local_input()], Recorder())
+        await edit_once(make_backend(), request(seed=2), [local_input()], Recorder())
     assert time.monotonic() - started < 10
     assert sum(1 for method, _, status in emu.log if method == "POST" and status == 503) == ATTEMPTS
     assert emu.submissions == []
@@ -362,8 +366,11 @@ async def test_a_rejected_key_is_reported_without_the_key(
 ) -> None:
     wrong = "wrong-key-id:wrong-key-secret"
     with pytest.raises(BackendUnavailable, match="FAL_KEY") as caught:
-        await make_backend(fal_key=wrong).edit(
-            request(seed=1), [InputImage(source="u", url="https://e.com/a.png")], Recorder()
+        await edit_once(
+            make_backend(fal_key=wrong),
+            request(seed=1),
+            [InputImage(source="u", url="https://e.com/a.png")],
+            Recorder(),
         )
     assert wrong not in str(caught.value) and "wrong-key-secret" not in str(caught.value)
     assert emu.submissions == []
@@ -377,7 +384,7 @@ async def test_server_text_echoing_the_key_is_scrubbed(
         "submit", "http", status=500, body={"detail": f"upstream said: Authorization: Key {emu.key}"}
     )
     with pytest.raises(BackendError) as caught:
-        await make_backend().edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
     assert "***" in str(caught.value)
     assert emu.key not in str(caught.value)
 
@@ -388,7 +395,7 @@ async def test_a_500_on_the_result_is_a_clear_backend_error(
 ) -> None:
     emu.add_fault("result", "http", status=500, body={"detail": "worker crashed"})
     with pytest.raises(BackendError, match=r"HTTP 500 to the result request: worker crashed") as caught:
-        await make_backend().edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
     assert_clean(caught.value, emu)
 
 
@@ -399,7 +406,7 @@ async def test_malformed_json_is_a_backend_error_and_the_job_is_cancelled(
     emu.latency_s = 5.0
     emu.add_fault("status", "malformed")
     with pytest.raises(BackendError, match="malformed answer to the status request"):
-        await make_backend().edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
     assert emu.cancellations == [emu.submissions[0].request_id]
 
 
@@ -410,7 +417,7 @@ async def test_completed_with_error_is_job_failed(
     emu.latency_s = 0.3
     emu.add_fault("status", "completed_error", message="CUDA out of memory", error_type="runner_oom")
     with pytest.raises(JobFailed, match=r"\(runner_oom\): CUDA out of memory"):
-        await make_backend().edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
     assert emu.cancellations == []
 
 
@@ -432,21 +439,21 @@ async def test_output_download_failures_say_which_image(
 ) -> None:
     emu.add_fault("file", kind, **params)
     with pytest.raises(BackendError, match=expected) as caught:
-        await make_backend(max_download_mb=1.0).edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(max_download_mb=1.0), request(seed=1), [local_input()], Recorder())
     assert_clean(caught.value, emu)
 
 
 @pytest.mark.anyio
 async def test_without_a_key_the_error_says_how_to_configure(make_backend: Callable[..., FalBackend]) -> None:
     with pytest.raises(BackendUnavailable, match="set FAL_KEY"):
-        await make_backend(fal_key="").edit(request(seed=1), [local_input()], Recorder())
+        await edit_once(make_backend(fal_key=""), request(seed=1), [local_input()], Recorder())
 
 
 # ---------------------------------------------------------------------------------- many seeds
 
 
 @pytest.mark.anyio
-async def test_edit_seeds_runs_concurrently_and_isolates_a_failing_seed(
+async def test_runs_go_concurrently_and_a_failing_run_leaves_the_others(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
     emu.latency_s = 0.3
@@ -455,7 +462,8 @@ async def test_edit_seeds_runs_concurrently_and_isolates_a_failing_seed(
     progress = Recorder()
     started = time.monotonic()
 
-    outcomes = await backend.edit_seeds(request(num_images=3), [local_input()], [10, 11, 12, 13], progress)
+    runs = [request(seed=seed) for seed in (10, 11, 12, 13)]
+    outcomes = await backend.run(runs, [local_input()], RunContext(progress))
 
     assert time.monotonic() - started >= 2 * 0.3  # two at a time
     assert len(emu.uploads) == 1  # the input went up once
@@ -478,8 +486,9 @@ async def test_concurrent_calls_share_one_limit_and_cancel_every_run(
     emu.latency_s = 10.0
     backend = make_backend(fal_concurrency=2)
     async with anyio.create_task_group() as group:
-        group.start_soon(backend.edit_seeds, request(), [local_input()], [1, 2, 3], Recorder())
-        group.start_soon(backend.edit, request(seed=9), [local_input()], Recorder())
+        runs = [request(seed=seed) for seed in (1, 2, 3)]
+        group.start_soon(backend.run, runs, [local_input()], RunContext(Recorder()))
+        group.start_soon(edit_once, backend, request(seed=9), [local_input()], Recorder())
         await wait_for_submissions(emu, 2)
         await anyio.sleep(0.4)  # room for a third submit, which the shared limit must prevent
         group.cancel_scope.cancel()

@@ -9,7 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
-from flux_mcp.backends import BackendResult, GeneratedImage, InputImage, Progress
+from flux_mcp.backends import BackendResult, CostEstimate, GeneratedImage, InputImage, RunContext, RunOutcome
 from flux_mcp.config import Settings
 from flux_mcp.jobs import JobManager
 from flux_mcp.schema import EditRequest
@@ -21,10 +21,12 @@ pytestmark = pytest.mark.anyio
 
 
 class SilentBackend:
-    """Says nothing for ``quiet_s`` seconds, then returns one image."""
+    """A backend of the test's own (the whole Backend protocol): says nothing for ``quiet_s``
+    seconds per run, then returns one image."""
 
     name = "silent"
     endpoint = "test/silent"
+    resumable = False
 
     def __init__(self, quiet_s: float) -> None:
         self.quiet_s = quiet_s
@@ -32,16 +34,24 @@ class SilentBackend:
     def capabilities(self) -> dict[str, Any]:
         return {}
 
-    async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
-        await progress(0, None, "queued at position 3")
-        await anyio.sleep(self.quiet_s)
-        image = GeneratedImage(make_png(), "image/png", 64, 48, seed=request.seed or 0)
-        return BackendResult([image], seed=image.seed)
+    def estimate_cost(self, runs: list[EditRequest], inputs: list[InputImage]) -> CostEstimate:
+        return CostEstimate(0.0, billed=False)
 
-    async def edit_seeds(
-        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
-    ) -> list[Any]:
-        return [await self.edit(request.model_copy(update={"seed": s}), inputs, progress) for s in seeds]
+    async def run(
+        self, runs: list[EditRequest], inputs: list[InputImage], ctx: RunContext
+    ) -> list[RunOutcome]:
+        outcomes: list[RunOutcome] = []
+        for request in runs:
+            await ctx.progress(0, None, "queued at position 3")
+            await anyio.sleep(self.quiet_s)
+            image = GeneratedImage(make_png(), "image/png", 64, 48, seed=request.seed or 0)
+            outcomes.append(BackendResult([image], seed=image.seed))
+        return outcomes
+
+    async def collect(
+        self, remote: dict[int, str], runs: list[EditRequest], ctx: RunContext
+    ) -> list[RunOutcome]:
+        raise AssertionError("not resumable: never called")
 
     async def aclose(self) -> None:
         return None

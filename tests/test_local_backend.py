@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from platformdirs import user_cache_dir
 
-from flux_mcp.backends import BackendResult, InputImage, cns
+from flux_mcp.backends import BackendResult, InputImage, RunContext, cns
 from flux_mcp.backends.local import LocalBackend
 from flux_mcp.backends.loras import AdapterCache, LoraFile
 from flux_mcp.backends.tiny import (
@@ -32,6 +32,8 @@ from flux_mcp.backends.tiny import (
 from flux_mcp.config import APP
 from flux_mcp.errors import BackendUnavailable, InputImageError, InvalidRequest
 from flux_mcp.schema import EditRequest
+
+from .conftest import edit_once
 
 pytestmark = [pytest.mark.local, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -101,7 +103,7 @@ class Recorder:
 async def edit(
     backend: LocalBackend, req: EditRequest, inputs: list[InputImage] | None = None
 ) -> BackendResult:
-    return await backend.edit(req, inputs or [png_input()], Recorder())
+    return await edit_once(backend, req, inputs or [png_input()], Recorder())
 
 
 # -- editing -----------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ async def edit(
 @pytest.mark.anyio
 async def test_edit_with_one_and_four_references(backend: LocalBackend) -> None:
     progress = Recorder()
-    one = await backend.edit(request(), [png_input(64, 64)], progress)
+    one = await edit_once(backend, request(), [png_input(64, 64)], progress)
     (image,) = one.images
     assert (image.width, image.height, image.seed, image.content_type) == (64, 64, 7, "image/png")
     assert pixels(image.data).shape == (64, 64, 3)
@@ -122,7 +124,7 @@ async def test_edit_with_one_and_four_references(backend: LocalBackend) -> None:
     assert any(m.startswith("loading model") for m in progress.messages)
 
     inputs = [png_input(64, 64), png_input(96, 64), png_input(64, 80), png_input(128, 128)]
-    four = await backend.edit(request(image_urls=["a", "b", "c", "d"]), inputs, Recorder())
+    four = await edit_once(backend, request(image_urls=["a", "b", "c", "d"]), inputs, Recorder())
     assert (four.images[0].width, four.images[0].height) == (64, 64)  # the first input's size
     assert max_diff(one.images[0].data, four.images[0].data) > 0  # the extra references reach the model
 
@@ -164,12 +166,40 @@ async def test_num_images_is_one_batch_equal_to_single_runs(backend: LocalBacken
 
 
 @pytest.mark.anyio
-async def test_edit_seeds_runs_explicit_seeds_in_one_batch(backend: LocalBackend) -> None:
-    outcomes = await backend.edit_seeds(request(seed=None), [png_input()], [40, 3], Recorder())
+async def test_runs_that_differ_only_in_seed_share_one_pass(backend: LocalBackend) -> None:
+    progress = Recorder()
+    runs = [request(seed=40), request(seed=3)]
+    outcomes = await backend.run(runs, [png_input()], RunContext(progress))
     assert [o.seed for o in outcomes if isinstance(o, BackendResult)] == [40, 3]
+    assert not any("pass" in message for message in progress.messages)  # one pass, not two
     single = await edit(backend, request(seed=3))
     assert isinstance(outcomes[1], BackendResult)
     assert max_diff(outcomes[1].images[0].data, single.images[0].data) <= 1
+
+
+@pytest.mark.anyio
+async def test_a_lora_scale_sweep_loads_the_adapter_once_and_keeps_the_seed(
+    backend: LocalBackend, tiny_transformer: Any, tmp_path: Path
+) -> None:
+    path = save_lora(tmp_path / "sweep.safetensors", make_lora_state_dict(tiny_transformer, "peft", seed=7))
+    other = save_lora(tmp_path / "other.safetensors", make_lora_state_dict(tiny_transformer, "peft", seed=8))
+    # Interleaved on purpose: the backend orders passes so that the same LoRA file stays loaded.
+    scales = [(path, 0.0), (other, 1.0), (path, 0.5), (other, 0.5), (path, 1.0)]
+    runs = [request(seed=11, loras=[{"path": str(p), "scale": s}]) for p, s in scales]
+    progress = Recorder()
+    outcomes = await backend.run(runs, [png_input()], RunContext(progress))
+    results = [o for o in outcomes if isinstance(o, BackendResult)]
+    assert len(results) == 5 and all(r.images[0].seed == 11 for r in results)
+    # Each run is its own pass here (the scales differ), so the loads add up over the results.
+    assert sum(r.details["lora_loads"] for r in results) == 2, "each file is loaded once, whatever the scales"
+    passes = [m for m in progress.messages if m.startswith("pass ")]
+    assert {m.split(":")[0] for m in passes} == {f"pass {i}/5" for i in range(1, 6)}
+    done = [value for value, _, _ in progress.events]
+    assert done == sorted(done) and progress.events[-1][1] == 5 * 4  # one progress over the five passes
+    # Scale 0 equals no LoRA; the swept scales differ from each other.
+    plain = await edit(backend, request(seed=11))
+    assert max_diff(results[0].images[0].data, plain.images[0].data) <= 1
+    assert max_diff(results[2].images[0].data, results[4].images[0].data) > 0
 
 
 @pytest.mark.anyio
@@ -456,7 +486,7 @@ async def test_cancelling_stops_within_one_step(backend: LocalBackend) -> None:
                 scope.cancel()
 
         progress = Recorder(cancel_at_step_two)
-        await backend.edit(request(num_inference_steps=30), [png_input()], progress)
+        await edit_once(backend, request(num_inference_steps=30), [png_input()], progress)
     assert scope.cancelled_caught
     steps = [m for m in progress.messages if m.startswith("step ")]
     assert steps[:2] == ["step 1/30", "step 2/30"] and len(steps) <= 3
@@ -478,7 +508,7 @@ async def test_concurrent_edits_run_one_after_the_other(backend: LocalBackend) -
     results: dict[str, BackendResult] = {}
 
     async def run(name: str, progress: Recorder) -> None:
-        results[name] = await backend.edit(request(num_inference_steps=8), [png_input()], progress)
+        results[name] = await edit_once(backend, request(num_inference_steps=8), [png_input()], progress)
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run, "A", first)
@@ -498,7 +528,7 @@ async def test_a_caller_leaving_the_queue_moves_the_others_up(backend: LocalBack
     finished: list[str] = []
 
     async def run(name: str, progress: Recorder, steps: int) -> None:
-        await backend.edit(request(num_inference_steps=steps), [png_input()], progress)
+        await edit_once(backend, request(num_inference_steps=steps), [png_input()], progress)
         finished.append(name)
 
     async def run_second() -> None:

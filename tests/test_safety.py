@@ -26,6 +26,8 @@ from flux_mcp.config import Settings
 from flux_mcp.errors import BackendUnavailable, ConfigError
 from flux_mcp.schema import EditRequest
 
+from .conftest import edit_once
+
 pytestmark = [pytest.mark.local, pytest.mark.usefixtures("one_torch_thread")]
 
 FLAGGED = "flagged by the safety checker"
@@ -101,7 +103,7 @@ class Messages:
 
 
 async def edit(backend: LocalBackend, req: EditRequest, progress: Messages | None = None) -> BackendResult:
-    return await backend.edit(req, [png_input()], progress or Messages())
+    return await edit_once(backend, req, [png_input()], progress or Messages())
 
 
 def pixels(data: bytes) -> np.ndarray:

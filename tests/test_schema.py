@@ -111,11 +111,15 @@ def test_field_order_follows_the_endpoint() -> None:
 def test_compare_seeds_schema_is_edit_image_minus_seed_and_num_images() -> None:
     ours = _cli_schema("compare_seeds")
     edit = _cli_schema("edit_image")
-    assert set(ours["properties"]) == set(edit["properties"]) - {"seed", "num_images"} | {"seeds", "count"}
+    added = {"seeds", "count", "vary"}
+    assert set(ours["properties"]) == set(edit["properties"]) - {"seed", "num_images"} | added
     for name in set(ours["properties"]) & set(edit["properties"]):
         assert ours["properties"][name] == edit["properties"][name], name
-    assert ours["properties"]["count"]["anyOf"][0]["minimum"] == 2
+    # One seed (or count 1) is allowed for a grid; without vary the model asks for at least two.
+    assert ours["properties"]["count"]["anyOf"][0]["minimum"] == 1
     assert ours["properties"]["count"]["anyOf"][0]["maximum"] == 8
+    vary = ours["properties"]["vary"]["anyOf"][0]
+    assert vary["maxItems"] == 2 and vary["items"]["properties"]["values"]["maxItems"] == 8
 
 
 def test_the_drift_check_itself_catches_a_changed_range() -> None:

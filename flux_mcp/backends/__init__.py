@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,16 +20,19 @@ if TYPE_CHECKING:
     from ..schema import EditRequest
 
 __all__ = [
+    "PRICE_PER_MEGAPIXEL_USD",
     "Backend",
     "BackendResult",
+    "CostEstimate",
     "GeneratedImage",
     "InputImage",
     "Progress",
-    "RunHooks",
-    "SeedOutcome",
+    "RunContext",
+    "RunOutcome",
     "create_backend",
+    "hosted_price",
     "local_available",
-    "run_hooks",
+    "run_one",
 ]
 
 
@@ -81,25 +83,39 @@ class BackendResult:
     details: dict[str, Any] = field(default_factory=dict)
 
 
-#: One entry of ``Backend.edit_seeds``: the result for that seed, or why it failed.
-SeedOutcome = BackendResult | FluxMCPError
+#: One entry of ``Backend.run``'s answer: that run's result, or why it failed.
+RunOutcome = BackendResult | FluxMCPError
+
+
+async def _never_submitted(index: int, remote_id: str) -> None:
+    """The default ``RunContext.submitted``: nobody records remote jobs (the CLI, tests)."""
 
 
 @dataclass(frozen=True)
-class RunHooks:
-    """What a job runner wants to hear from a backend while a run goes on (see ``run_hooks``).
+class RunContext:
+    """What a backend may tell, and ask, whoever runs a call (the job runner, the CLI).
 
-    ``submitted(request_id, seed)`` is awaited once per remote job right after it was accepted, so a
-    restarted server can resume it; ``detached()`` is true while the server shuts down, when remote
-    jobs must be left running (to be resumed) rather than cancelled.
+    ``progress`` takes monotonic progress. ``submitted(index, remote_id)`` is awaited once per run
+    right after a remote service accepted it (resumable backends only), so a restarted server can
+    ``collect`` it. ``detached()`` is true while the server shuts down: remote work must then be left
+    running (to be collected later) rather than cancelled.
     """
 
-    submitted: Callable[[str, int | None], Awaitable[None]] | None = None
+    progress: Progress
+    submitted: Callable[[int, str], Awaitable[None]] = _never_submitted
     detached: Callable[[], bool] = field(default=lambda: False)
 
 
-#: Set by the job runner for the task that runs a call; backends read it, nobody else writes it.
-run_hooks: ContextVar[RunHooks] = ContextVar("flux_mcp_run_hooks", default=RunHooks())  # noqa: B039
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a list of runs costs before anything is sent.
+
+    ``usd`` is the hosted endpoint's price for the same work (shown to the agent either way);
+    ``billed`` says whether this backend actually charges it (and so whether the cost ceiling applies).
+    """
+
+    usd: float
+    billed: bool
 
 
 class Progress(Protocol):
@@ -109,33 +125,77 @@ class Progress(Protocol):
 
 
 class Backend(Protocol):
-    """Something that can run an edit. Small on purpose: the service does everything else."""
+    """Something that runs edits. Small on purpose: the service does everything else.
 
-    #: "fal" or "local".
+    A call is a list of runs (one ``EditRequest`` each, with its seed set): edit_image is a list of
+    one, compare_seeds and grids one per cell. The backend decides how to run the list (concurrently
+    on fal, batched on a GPU) and answers one outcome per run, in order; a failed run does not fail
+    the others. A third backend is one module implementing this, plus one line in ``create_backend``.
+    """
+
+    #: The backend's setting value (``FLUX_MCP_BACKEND``), e.g. "fal" or "local".
     name: str
     #: What ran the job: the fal endpoint id, or the local model id/directory.
     endpoint: str
+    #: True when ``collect`` can finish runs submitted before a restart (``RunContext.submitted``).
+    resumable: bool
 
     def capabilities(self) -> dict[str, Any]:
         """What this backend supports, for list_presets (e.g. {"cns": True, "max_concurrency": 4})."""
         ...
 
-    async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
-        """Run one request (``request.num_images`` images; image i has seed ``seed + i``)."""
+    def estimate_cost(self, runs: list[EditRequest], inputs: list[InputImage]) -> CostEstimate:
+        """The price of ``runs`` on the hosted endpoint, and whether this backend charges it."""
         ...
 
-    async def edit_seeds(
-        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
-    ) -> list[SeedOutcome]:
-        """Run ``request`` once per seed (one image each); one outcome per seed, in order.
+    async def run(
+        self, runs: list[EditRequest], inputs: list[InputImage], ctx: RunContext
+    ) -> list[RunOutcome]:
+        """Run every request (``num_images`` images each; image i has seed ``seed + i`` mod 2**32).
 
-        A failed seed does not fail the others: its outcome is the error.
+        Raises only for what refuses the whole call (a bad input, a LoRA that does not fit); one
+        run's failure is that run's outcome.
         """
+        ...
+
+    async def collect(
+        self, remote: dict[int, str], runs: list[EditRequest], ctx: RunContext
+    ) -> list[RunOutcome]:
+        """Finish runs a remote service accepted before a restart: ``remote`` maps run index to the id
+        ``ctx.submitted`` recorded. Runs without an id fail. Only called when ``resumable``."""
         ...
 
     async def aclose(self) -> None:
         """Release connections, GPU memory and worker threads."""
         ...
+
+
+async def run_one(
+    backend: Backend, request: EditRequest, inputs: list[InputImage], ctx: RunContext
+) -> BackendResult:
+    """One request on ``backend``: its result, or its error raised."""
+    (outcome,) = await backend.run([request], inputs, ctx)
+    if isinstance(outcome, FluxMCPError):
+        raise outcome
+    return outcome
+
+
+#: Published price of the hosted endpoint: inputs (counted at ~1 MP each) plus outputs.
+PRICE_PER_MEGAPIXEL_USD = 0.02
+
+
+def hosted_price(runs: list[EditRequest], inputs: list[InputImage]) -> float:
+    """The hosted endpoint's price for ``runs``: $0.02 per megapixel of input (each input counted at
+    ~1 MP, as the endpoint resizes them, once per run) plus every output image."""
+    from ..schema import output_size
+
+    first = inputs[0].size if inputs else None
+    total_mp = 0.0
+    for request in runs:
+        size = output_size(request, first)
+        out_mp = (size[0] * size[1] / 1e6) if size else 1.0
+        total_mp += len(inputs) * 1.0 + request.num_images * out_mp
+    return round(total_mp * PRICE_PER_MEGAPIXEL_USD, 4)
 
 
 def local_available() -> bool:

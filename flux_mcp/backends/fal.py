@@ -6,11 +6,12 @@ is polled (queue position and log lines become progress), the result JSON is fet
 output image is downloaded with a size limit. Every foreign failure (fal-client, httpx, PIL) is
 converted here, once, into the error tree of ``flux_mcp.errors``; no message ever carries the key.
 
-Jobs are bounded by ``job_timeout_s`` and cancelled on fal when they time out or when the awaiting
-task is cancelled, unless the job runner's ``run_hooks`` say the server is detaching: then they are
-left running, their request ids (reported through ``run_hooks.submitted``) let ``collect`` finish
-them after a restart. A semaphore shared by the whole backend keeps at most ``fal_concurrency``
-jobs in flight, across concurrent calls and ``edit_seeds`` runs alike.
+Each run of a call is its own fal job; a call's runs go concurrently. Jobs are bounded by
+``job_timeout_s`` and cancelled on fal when they time out or when the awaiting task is cancelled,
+unless the ``RunContext`` says the caller is detaching (server shutdown): then they are left running,
+and their request ids (reported through ``RunContext.submitted``) let ``collect`` finish them after a
+restart. A semaphore shared by the whole backend keeps at most ``fal_concurrency`` jobs in flight at
+fal, across concurrent calls and runs alike (downloads from the CDN do not hold a slot).
 
 This module knows nothing about MCP, presets or the result store, and never imports torch.
 """
@@ -44,7 +45,16 @@ from ..errors import (
     JobFailed,
 )
 from ..schema import ENDPOINT_ID, EditRequest, EditResult, ImageFile
-from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome, run_hooks
+from . import (
+    BackendResult,
+    CostEstimate,
+    GeneratedImage,
+    InputImage,
+    Progress,
+    RunContext,
+    RunOutcome,
+    hosted_price,
+)
 
 __all__ = ["FalBackend"]
 
@@ -76,15 +86,11 @@ class FalBackend:
 
     name = "fal"
     endpoint = ENDPOINT_ID
+    resumable = True
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        # fal-client reads these two as module globals; overriding them is its documented seam for
-        # proxies (and our loopback emulator). The queue host comes from FAL_QUEUE_RUN_HOST.
-        if settings.fal_rest_url:
-            fal_client.client.REST_URL = settings.fal_rest_url.rstrip("/")
-        if settings.fal_cdn_url:
-            fal_client.client.CDN_URL = settings.fal_cdn_url.rstrip("/")
+        # fal-client's REST/CDN hosts are module globals, set at start by ``process.process_effects``.
         self._fal = fal_client.AsyncClient(key=settings.fal_key or None)
         # Trusts the environment like fal-client does (SSL_CERT_FILE), so both see the same CAs.
         self._http = httpx.AsyncClient(
@@ -92,8 +98,6 @@ class FalBackend:
         )
         self._slots = anyio.Semaphore(settings.fal_concurrency)
         self._secrets = _secret_parts(settings.fal_key)
-        # httpx logs every URL at INFO, twice through fal-client's nested clients.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def capabilities(self) -> dict[str, Any]:
         return {
@@ -114,47 +118,69 @@ class FalBackend:
 
     # ------------------------------------------------------------------------------ public runs
 
-    async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
+    def estimate_cost(self, runs: list[EditRequest], inputs: list[InputImage]) -> CostEstimate:
+        return CostEstimate(hosted_price(runs, inputs), billed=True)
+
+    async def run(
+        self, runs: list[EditRequest], inputs: list[InputImage], ctx: RunContext
+    ) -> list[RunOutcome]:
+        """Every run as its own fal job, all at once within the backend's slots; inputs uploaded once."""
         self._require_key()
         started = time.monotonic()
         image_urls = await self._input_urls(inputs)
-        upload_s = time.monotonic() - started
-        tracker = _ProgressTracker(progress, runs=1, unit=request.num_inference_steps)
-        result = await self._run(request, partial(tracker.report, 0), image_urls=image_urls)
-        result.timings["upload_s"] = round(upload_s, 3)
-        result.timings["total_s"] = round(time.monotonic() - started, 3)
-        return result
+        upload_s = round(time.monotonic() - started, 3)
+        outcomes = await self._each(
+            runs,
+            ctx,
+            lambda index, report: self._run(runs[index], report, ctx, index=index, image_urls=image_urls),
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BackendResult):
+                outcome.timings["upload_s"] = upload_s
+        return outcomes
 
-    async def edit_seeds(
-        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
-    ) -> list[SeedOutcome]:
+    async def collect(
+        self, remote: dict[int, str], runs: list[EditRequest], ctx: RunContext
+    ) -> list[RunOutcome]:
+        """Finish jobs fal already accepted (``runs`` are what was sent), e.g. after a restart."""
         self._require_key()
-        image_urls = await self._input_urls(inputs)  # once, shared by every seed
-        tracker = _ProgressTracker(progress, runs=len(seeds), unit=1)
-        outcomes: list[SeedOutcome | None] = [None] * len(seeds)
 
-        async def one(index: int, seed: int) -> None:
-            single = request.model_copy(update={"seed": seed, "num_images": 1})
+        async def one(index: int, report: _Report) -> BackendResult:
+            if index not in remote:
+                raise BackendError(
+                    "this run was not submitted to fal before the server restarted; run it again"
+                )
+            return await self._run(runs[index], report, ctx, index=index, request_id=remote[index])
+
+        return await self._each(runs, ctx, one)
+
+    async def _each(
+        self,
+        runs: list[EditRequest],
+        ctx: RunContext,
+        one: Callable[[int, _Report], Awaitable[BackendResult]],
+    ) -> list[RunOutcome]:
+        """``one(index, report)`` for every run concurrently; each run's error is its outcome."""
+        unit = runs[0].num_inference_steps if len(runs) == 1 else 1
+        tracker = _ProgressTracker(ctx.progress, runs=len(runs), unit=unit)
+        outcomes: list[RunOutcome | None] = [None] * len(runs)
+
+        async def guarded(index: int) -> None:
+            label = f"run {index + 1}/{len(runs)} (seed {runs[index].seed}): " if len(runs) > 1 else ""
 
             async def report(fraction: float | None, message: str) -> None:
-                await tracker.report(index, fraction, f"seed {seed}: {message}")
+                await tracker.report(index, fraction, label + message)
 
             try:
-                outcomes[index] = await self._run(single, report, image_urls=image_urls)
+                outcomes[index] = await one(index, report)
             except FluxMCPError as exc:
                 outcomes[index] = exc
-                await tracker.report(index, 1.0, f"seed {seed} failed")
+                await tracker.report(index, 1.0, f"{label}failed")
 
         async with anyio.create_task_group() as group:
-            for index, seed in enumerate(seeds):
-                group.start_soon(one, index, seed)
+            for index in range(len(runs)):
+                group.start_soon(guarded, index)
         return [outcome for outcome in outcomes if outcome is not None]
-
-    async def collect(self, request_id: str, request: EditRequest, progress: Progress) -> BackendResult:
-        """Finish a job fal already accepted (``request`` is what was sent), e.g. after a restart."""
-        self._require_key()
-        tracker = _ProgressTracker(progress, runs=1, unit=request.num_inference_steps)
-        return await self._run(request, partial(tracker.report, 0), request_id=request_id)
 
     # ------------------------------------------------------------------------------ one fal job
 
@@ -162,16 +188,17 @@ class FalBackend:
         self,
         request: EditRequest,
         report: _Report,
+        ctx: RunContext,
         *,
+        index: int,
         image_urls: list[str] | None = None,
         request_id: str = "",
     ) -> BackendResult:
-        """Submit (or, given ``request_id``, pick up) one job, wait, fetch and download it.
+        """Submit (or, given ``request_id``, pick up) run ``index``, wait, fetch and download it.
 
         Unless it finished, the job is cancelled on fal when this fails, times out or is cancelled,
-        except while the job runner is detaching (server shutdown): then it is left to be resumed.
+        except while the caller is detaching (server shutdown): then it is left to be collected.
         """
-        hooks = run_hooks.get()
         async with self._slots:
             started = time.monotonic()
             handle: fal_client.AsyncRequestHandle | None = None
@@ -185,9 +212,8 @@ class FalBackend:
                         handle = await self._retrying(
                             "submit", lambda: self._fal.submit(ENDPOINT_ID, arguments)
                         )
-                        if hooks.submitted is not None:  # shielded: a job fal accepted is always recorded
-                            with anyio.CancelScope(shield=True):
-                                await hooks.submitted(handle.request_id, request.seed)
+                        with anyio.CancelScope(shield=True):  # a job fal accepted is always recorded
+                            await ctx.submitted(index, handle.request_id)
                     completed, queue_s = await self._poll(handle, report)
                     finished = True  # fal holds nothing more for us: no cancel from here on
                     if completed.error:
@@ -205,11 +231,12 @@ class FalBackend:
                     "Try again later, or raise FLUX_MCP_JOB_TIMEOUT_S."
                 ) from None
             finally:
-                if handle is not None and not finished and not hooks.detached():
+                if handle is not None and not finished and not ctx.detached():
                     await self._cancel_remote(handle)
-            fetched = time.monotonic()
-            await report(1.0, f"finished; downloading {len(output.images)} image(s)")
-            images = await self._download_all(output)
+        # The slot is fal's: downloading from its CDN does not hold it.
+        fetched = time.monotonic()
+        await report(1.0, f"finished; downloading {len(output.images)} image(s)")
+        images = await self._download_all(output)
         return BackendResult(
             images=images,
             seed=output.seed,

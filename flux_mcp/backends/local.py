@@ -71,7 +71,16 @@ from ..config import APP, Settings
 from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
 from ..images import check_image_bytes
 from ..schema import MAX_SEED, EditRequest, output_size
-from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
+from . import (
+    BackendResult,
+    CostEstimate,
+    GeneratedImage,
+    InputImage,
+    Progress,
+    RunContext,
+    RunOutcome,
+    hosted_price,
+)
 from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
 from .loras import AdapterCache, LoraFile, LoraFiles
 from .safety import SafetyClassifier, blacked_out
@@ -108,6 +117,7 @@ class LocalBackend:
     """Runs requests on this machine's GPU (or CPU) with diffusers; one job at a time."""
 
     name = "local"
+    resumable = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -131,24 +141,43 @@ class LocalBackend:
             "safety_checker": self.settings.safety_model or False,
         }
 
-    async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - 3)
-        return await self._run(request, inputs, [seed + i for i in range(request.num_images)], progress)
+    def estimate_cost(self, runs: list[EditRequest], inputs: list[InputImage]) -> CostEstimate:
+        return CostEstimate(hosted_price(runs, inputs), billed=False)
 
-    async def edit_seeds(
-        self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
-    ) -> list[SeedOutcome]:
-        """All seeds in one batched pass; a failed pass fails every seed, a refused request raises."""
-        if not seeds:
-            raise InvalidRequest("seeds: give at least one seed.", field="seeds")
-        try:
-            batch = await self._run(request, inputs, list(seeds), progress)
-        except JobFailed as exc:
-            return [exc for _ in seeds]
-        return [
-            BackendResult([image], image.seed, dict(batch.timings), list(batch.notes), dict(batch.details))
-            for image in batch.images
-        ]
+    async def run(
+        self, runs: list[EditRequest], inputs: list[InputImage], ctx: RunContext
+    ) -> list[RunOutcome]:
+        """Runs that differ only in their seed share one batched pass (``_batches``), and the passes
+        are ordered so that runs with the same LoRAs and acceleration follow each other: a LoRA scale
+        sweep loads its adapter once, and the compile stance changes as rarely as possible.
+
+        A pass that fails fails its runs only; a refused request (a LoRA that does not fit, a bad
+        input) refuses the call.
+        """
+        batches = _batches(runs)
+        grand_total = sum(batch.request.num_inference_steps for batch in batches)
+        outcomes: list[RunOutcome | None] = [None] * len(runs)
+        done = 0
+        for number, batch in enumerate(batches, 1):
+            label = f"pass {number}/{len(batches)}: " if len(batches) > 1 else ""
+            progress = _shifted(ctx.progress, done, grand_total, label)
+            try:
+                result = await self._run(batch.request, inputs, batch.seeds, progress)
+            except JobFailed as exc:
+                for index in batch.indices:
+                    outcomes[index] = exc
+            else:
+                for index, images in zip(batch.indices, batch.split(result.images), strict=True):
+                    outcomes[index] = BackendResult(
+                        images, images[0].seed, dict(result.timings), list(result.notes), dict(result.details)
+                    )
+            done += batch.request.num_inference_steps
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def collect(
+        self, remote: dict[int, str], runs: list[EditRequest], ctx: RunContext
+    ) -> list[RunOutcome]:
+        raise BackendUnavailable("the local backend cannot resume runs after a restart; run the call again")
 
     async def aclose(self) -> None:
         async with self._gpu.turn(quiet, 0):
@@ -344,6 +373,7 @@ class _Engine:
         notes: list[str] = []
         try:
             # 4. LoRA adapters
+            loads_before = self.adapters.loads
             applied = self.adapters.activate(pipe, job.loras, lambda message: job.notify(0, message))
             # 5. Prompt embeddings, for one image: the pipeline repeats them per image
             job.notify(0, "encoding the prompt")
@@ -397,6 +427,7 @@ class _Engine:
             "height": job.height,
             "acceleration": request.acceleration,
             "loras": applied,
+            "lora_loads": self.adapters.loads - loads_before,
             "notes": notes,
         }
         if cns_info is not None:
@@ -496,6 +527,65 @@ def _step_callback(job: _Job) -> Callable[..., dict[str, Any]]:
         return {}
 
     return on_step_end
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching the runs of one call
+
+#: Most images in one batched pass (compare_seeds' 8 seeds; a 16-cell seed grid makes two passes).
+MAX_BATCH = 8
+
+
+@dataclass
+class _Batch:
+    """Runs that differ only in their seed, run as one pass: ``request`` with ``seeds``."""
+
+    request: EditRequest
+    indices: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    def add(self, index: int, run: EditRequest) -> None:
+        first = run.seed if run.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        self.indices.append(index)
+        self.counts.append(run.num_images)
+        self.seeds += [(first + i) % (MAX_SEED + 1) for i in range(run.num_images)]
+
+    def split(self, images: list[GeneratedImage]) -> list[list[GeneratedImage]]:
+        """The pass's images, back per run."""
+        parts, start = [], 0
+        for count in self.counts:
+            parts.append(images[start : start + count])
+            start += count
+        return parts
+
+
+def _batches(runs: list[EditRequest]) -> list[_Batch]:
+    """Group runs that differ only in seed (at most ``MAX_BATCH`` images a pass), ordered to keep the
+    same LoRA files and acceleration together: only scales change between neighbouring passes."""
+    groups: dict[str, list[_Batch]] = {}
+    for index, run in enumerate(runs):
+        key = run.model_dump_json(exclude={"seed", "num_images"})
+        batches = groups.setdefault(key, [])
+        if not batches or len(batches[-1].seeds) + run.num_images > MAX_BATCH:
+            batches.append(_Batch(run.model_copy(update={"seed": None, "num_images": 1})))
+        batches[-1].add(index, run)
+
+    def churn_order(batch: _Batch) -> tuple[Any, ...]:
+        request = batch.request
+        files = tuple(sorted(lora.path for lora in request.loras))
+        return (files, request.acceleration, request.enable_cns, batch.indices[0])
+
+    return sorted((b for batches in groups.values() for b in batches), key=churn_order)
+
+
+def _shifted(progress: Progress, offset: float, total: float, label: str) -> Progress:
+    """One pass's progress as part of the whole call's: shifted by the steps of the passes before."""
+
+    async def report(done: float, _total: float | None, message: str) -> None:
+        await progress(offset + done, total, label + message)
+
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -343,6 +343,8 @@ class AdapterCache:
     def __init__(self, capacity: int = 8) -> None:
         self._capacity = capacity
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> label, oldest first
+        #: How many adapters were loaded into the pipeline so far (a scale change loads nothing).
+        self.loads = 0
 
     def activate(
         self, pipe: Any, loras: Sequence[tuple[LoraFile, float]], report: Callable[[str], None]
@@ -390,6 +392,7 @@ class AdapterCache:
         except (SafetensorError, OSError) as exc:
             raise InvalidRequest(f"{lora.field}: cannot read {lora.label}: {exc}.", field=lora.field) from exc
         name = lora.adapter_name
+        self.loads += 1
         try:
             pipe.load_lora_weights(state, adapter_name=name)
         except (ValueError, RuntimeError, KeyError, IndexError) as exc:

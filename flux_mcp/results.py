@@ -1,0 +1,288 @@
+"""What a call returns: the output models and their plain-text summaries, shared by both faces.
+
+The structured models are what an MCP tool returns as structured content (with an output schema)
+and what ``flux-mcp edit/compare --json`` prints; the summaries are the text an agent or a person
+reads. The MCP server adds previews and resource links around them, the CLI prints them.
+
+This module knows nothing about MCP, the backends or the store's files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "CompareOutcome",
+    "CompareOutput",
+    "EditOutcome",
+    "EditOutput",
+    "Grid",
+    "GridAxis",
+    "GridCell",
+    "ImageOut",
+    "ImageSizeOut",
+    "JobInfo",
+    "LoraOut",
+    "LoraUse",
+    "PresetOut",
+    "PresetsOutput",
+    "SeedRun",
+    "compare_summary",
+    "edit_summary",
+    "pending_summary",
+    "presets_summary",
+]
+
+
+class ImageOut(BaseModel):
+    """One stored result image."""
+
+    id: str = Field(description="Store id; pass flux://images/<id> in image_urls to edit it further.")
+    uri: str = Field(description="flux://images/<id>: readable as an MCP resource (full resolution).")
+    path: str = Field(description="Absolute path of the saved file.")
+    width: int
+    height: int
+    content_type: str
+    seed: int = Field(description="Seed that reproduces this image.")
+    nsfw: bool | None = Field(None, description="The backend's safety flag; null when no check ran.")
+
+
+class LoraUse(BaseModel):
+    name: str
+    path: str
+    trigger_word: str | None = None
+
+
+class JobInfo(BaseModel):
+    """A call that outlived its time budget keeps running on the server as a job."""
+
+    id: str = Field(description="Pass to get_result (to collect) or cancel_job (to stop).")
+    state: Literal["queued", "running", "cancelling", "done", "failed", "cancelled"]
+    progress: float = 0.0
+    total: float | None = None
+    message: str = ""
+    created: str
+    updated: str
+    error: str | None = None
+
+
+class _CallOutput(BaseModel):
+    job: JobInfo | None = Field(
+        None, description="Set when the call is still running as a job: collect it with get_result."
+    )
+    prompt: str
+    backend: str
+    endpoint: str
+    params: dict[str, Any] = Field(description="The effective request after the preset was applied.")
+    preset: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    estimated_cost_usd: float = Field(
+        description="Estimated price on the hosted endpoint ($0.02 per megapixel)."
+    )
+    notes: list[str] = Field(
+        default_factory=list, description="Caveats to read, e.g. a field the backend adjusted."
+    )
+    library_loras: list[LoraUse] = Field(
+        default_factory=list, description="Library LoRAs used, with trigger words to put in the prompt."
+    )
+    details: dict[str, Any] = Field(
+        default_factory=dict, description="Backend facts (request id, CNS gamma)."
+    )
+
+
+class EditOutput(_CallOutput):
+    """Structured result of edit_image."""
+
+    images: list[ImageOut] = Field(default_factory=list)
+    seed: int | None = Field(None, description="Seed of the first image; image i used seed + i.")
+
+
+class SeedRun(BaseModel):
+    seed: int
+    image: ImageOut | None = None
+    error: str | None = None
+
+
+class GridAxis(BaseModel):
+    field: str = Field(description="The varied argument (seed for the seeds' axis).")
+    values: list[Any]
+
+
+class GridCell(BaseModel):
+    """One cell: re-run it with edit_image using ``params`` with ``values`` set (and this seed)."""
+
+    values: dict[str, Any] = Field(description="This cell's value on each axis.")
+    seed: int
+    image_id: str | None = None
+    path: str | None = None
+    error: str | None = None
+
+
+class Grid(BaseModel):
+    """A parameter grid: the first axis is the rows, the second (or the seeds) the columns."""
+
+    axes: list[GridAxis]
+    cells: list[GridCell] = Field(description="Row-major, as drawn on the sheet.")
+
+
+class CompareOutput(_CallOutput):
+    """Structured result of compare_seeds."""
+
+    runs: list[SeedRun] = Field(
+        default_factory=list, description="One entry per cell, in the order of the contact sheet."
+    )
+    seeds: list[int] = Field(default_factory=list)
+    failed_seeds: list[int] = Field(default_factory=list)
+    grid: Grid | None = Field(None, description="Set when arguments were varied (vary).")
+
+
+class PresetOut(BaseModel):
+    name: str
+    description: str
+    source: str = Field(description="'built-in' or the path of the user's presets file.")
+    params: dict[str, Any]
+
+
+class ImageSizeOut(BaseModel):
+    name: str
+    width: int
+    height: int
+
+
+class LoraOut(BaseModel):
+    name: str
+    path: str
+    scale: float
+    trigger_word: str | None
+    description: str
+
+
+class PresetsOutput(BaseModel):
+    """Structured result of list_presets."""
+
+    presets: list[PresetOut]
+    image_sizes: list[ImageSizeOut]
+    loras: list[LoraOut]
+    backend: dict[str, Any] = Field(description="The active backend and what it supports.")
+    presets_file: str | None
+    presets_file_error: str | None = None
+
+
+@dataclass
+class EditOutcome:
+    output: EditOutput
+    previews: list[bytes]
+
+
+@dataclass
+class CompareOutcome:
+    output: CompareOutput
+    sheet: bytes
+
+
+# -- plain-text summaries -----------------------------------------------------------------------
+
+
+def edit_summary(out: EditOutput) -> str:
+    lines = [
+        f"Edited {len(out.images)} image(s) on {out.backend} ({out.endpoint}), seed {out.seed}, "
+        f"{out.params['num_inference_steps']} steps"
+        + (f", preset {out.preset}" if out.preset else "")
+        + f"; estimated cost ${out.estimated_cost_usd:.3f}.",
+    ]
+    for i, img in enumerate(out.images, 1):
+        lines.append(f"{i}. {img.uri} -> {img.path} ({img.width}x{img.height}, seed {img.seed})")
+    lines += _tail(out.library_loras, out.notes)
+    lines.append("To keep editing a result, pass its flux://images/<id> in image_urls.")
+    return "\n".join(lines)
+
+
+def compare_summary(out: CompareOutput) -> str:
+    ok = sum(1 for run in out.runs if run.image is not None)
+    failed = len(out.runs) - ok
+    if out.grid is None:
+        what, labelled = f"{len(out.runs)} seeds", "by seed"
+    else:
+        axes = " x ".join(f"{axis.field} ({len(axis.values)})" for axis in out.grid.axes)
+        what, labelled = f"a grid of {len(out.runs)} cells: {axes}", "with the axis values on its edges"
+    lines = [
+        f"Compared {what} on {out.backend} ({ok} succeeded"
+        + (f", {failed} failed" if failed else "")
+        + f"); estimated cost ${out.estimated_cost_usd:.3f}. The contact sheet is labelled {labelled}."
+    ]
+    cells = out.grid.cells if out.grid is not None else [None] * len(out.runs)
+    for run, cell in zip(out.runs, cells, strict=True):
+        label = f"seed {run.seed}"
+        if cell is not None:
+            label = (
+                ", ".join(f"{k}={_short(v)}" for k, v in cell.values.items() if k != "seed") + f", {label}"
+            )
+        if run.image is not None:
+            lines.append(f"- {label}: {run.image.uri} -> {run.image.path}")
+        else:
+            lines.append(f"- {label}: FAILED: {run.error}")
+    lines += _tail(out.library_loras, out.notes)
+    if out.grid is None:
+        lines.append(
+            "Next: call edit_image with the seed you prefer (e.g. with preset 'quality'), "
+            "or pass that image's flux://images/<id> in image_urls to edit it further."
+        )
+    else:
+        lines.append(
+            "Next: re-run the cell you prefer with edit_image: params with that cell's values and seed "
+            "(structured content: grid.cells), or pass its flux://images/<id> in image_urls."
+        )
+    return "\n".join(lines)
+
+
+def pending_summary(info: JobInfo) -> str:
+    done = f"{info.progress:g}/{info.total:g}" if info.total else f"{info.progress:g}"
+    return (
+        f"Still running after the server's time budget: job {info.id} ({info.state}, progress {done}: "
+        f"{info.message or 'working'}). The work continues on the server and every image will be saved. "
+        f"Call get_result with job_id={info.id!r} (and wait_s up to a minute) to collect it, "
+        "or cancel_job to stop it."
+    )
+
+
+def presets_summary(out: PresetsOutput) -> str:
+    lines = ["Presets (arguments you give always win over a preset's):"]
+    for p in out.presets:
+        params = ", ".join(f"{k}={v}" for k, v in p.params.items())
+        lines.append(f"- {p.name} [{p.source}]: {p.description} ({params})")
+    lines.append("Image sizes: " + ", ".join(f"{s.name} {s.width}x{s.height}" for s in out.image_sizes))
+    if out.loras:
+        lines.append("LoRA library (use the name as loras[].path):")
+        for lora in out.loras:
+            trigger = f", trigger word {lora.trigger_word!r}" if lora.trigger_word else ""
+            lines.append(f"- {lora.name}: {lora.description} (scale {lora.scale:g}{trigger}; {lora.path})")
+    else:
+        lines.append(f"LoRA library: empty (add [loras.NAME] entries to {out.presets_file}).")
+    if out.presets_file_error:
+        lines.append(f"WARNING: the presets file could not be used: {out.presets_file_error}")
+    backend = out.backend
+    if backend.get("name"):
+        lines.append("Backend: " + ", ".join(f"{k}={v}" for k, v in backend.items()))
+    else:
+        lines.append(f"Backend: not available: {backend.get('error')}")
+    return "\n".join(lines)
+
+
+def _tail(library_loras: list[LoraUse], notes: list[str]) -> list[str]:
+    lines = []
+    for lora in library_loras:
+        if lora.trigger_word:
+            lines.append(
+                f"LoRA {lora.name!r} has the trigger word {lora.trigger_word!r}: include it in the prompt "
+                "if it is not there (the prompt was sent as you wrote it)."
+            )
+    lines += [f"Note: {n}" for n in notes]
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return repr(text[:37] + "...") if isinstance(value, str) and len(text) > 40 else str(value)
