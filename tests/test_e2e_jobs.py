@@ -144,3 +144,30 @@ async def test_a_hosted_job_running_at_restart_is_resumed_by_its_request_id(
     assert len(emulator.submissions) == 1, "resumed, not submitted again"
     (image,) = done.structured_content["images"]
     assert Path(image["path"]).is_file() and image["seed"] == EDIT["seed"]
+
+
+async def test_a_grid_running_at_restart_is_resumed_cell_by_cell(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    emulator.latency_s = 3
+    env = _env(tmp_path, emulator)
+    vary = [{"field": "guidance_scale", "values": [3, 5, 7]}]
+    async with stdio_client(env) as client:
+        pending = await client.call_tool(
+            "compare_seeds",
+            {"prompt": EDIT["prompt"], "image_urls": [str(input_png)], "vary": vary, "seeds": [8]},
+        )
+        assert pending.structured_content["grid"]["axes"] == vary, text_of(pending)
+        job_id = pending.structured_content["job"]["id"]
+    record = json.loads((tmp_path / "out" / "jobs" / f"{job_id}.json").read_text())
+    assert record["call"]["kind"] == "compare" and len(record["call"]["runs"]) == 3
+    by_run = {int(index): rid for index, rid in record["remote"].items()}
+    sent = {s.request_id: s.payload["guidance_scale"] for s in emulator.submissions}
+    assert {index: sent[rid] for index, rid in by_run.items()} == {0: 3, 1: 5, 2: 7}
+    async with stdio_client(env) as client:
+        done = await _collect(client, job_id)
+    assert not done.is_error, text_of(done)
+    assert len(emulator.submissions) == 3, "every cell was collected, none submitted again"
+    cells = done.structured_content["grid"]["cells"]
+    assert [c["values"]["guidance_scale"] for c in cells] == [3, 5, 7]
+    assert all(c["error"] is None and Path(c["path"]).is_file() for c in cells)
