@@ -77,6 +77,7 @@ class Job:
     scope: anyio.CancelScope | None = None
     listeners: list[ProgressFn] = field(default_factory=list)
     outcome: Outcome | None = None
+    save_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     @property
     def id(self) -> str:
@@ -223,8 +224,10 @@ class JobManager:
                 await _safe(listener, value, total, message)
 
         async def submitted(index: int, remote_id: str) -> None:
+            # Written in the background: the backend calls this while it holds one of fal's slots.
             job.record.remote[index] = remote_id
-            await self._save(job)
+            assert self._group is not None
+            self._group.start_soon(self._save, job)
 
         ctx = RunContext(progress, submitted, detached=lambda: self._shutting_down)
         try:
@@ -312,10 +315,11 @@ class JobManager:
         return PreparedCall.from_spec(record.call, self.service.backend)
 
     async def _save(self, job: Job) -> None:
-        data = job.record.model_dump_json(indent=2).encode()
-        path = self.root / f"{job.id}.json"
-
-        await anyio.to_thread.run_sync(write_atomic, path, data)
+        """Write the job's record; one write at a time per job, each of the state it has then, so the
+        file never goes back to an older state."""
+        async with job.save_lock:
+            data = job.record.model_dump_json(indent=2).encode()
+            await anyio.to_thread.run_sync(write_atomic, self.root / f"{job.id}.json", data)
 
 
 async def _safe(listener: ProgressFn, value: float, total: float | None, message: str) -> None:

@@ -347,6 +347,63 @@ async def test_overload_bursts_are_retried_until_success(
 
 
 @pytest.mark.anyio
+async def test_an_input_is_uploaded_once_per_content(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    backend = make_backend()
+    same = [local_input() for _ in range(3)]
+    async with anyio.create_task_group() as group:  # three concurrent calls with the same bytes
+        for index, item in enumerate(same):
+            group.start_soon(edit_once, backend, request(seed=index), [item], Recorder())
+    assert len(emu.uploads) == 1, "the same bytes went up once"
+    await edit_once(backend, request(seed=9), [local_input(png(color=(10, 200, 10)))], Recorder())
+    assert len(emu.uploads) == 2, "other bytes are uploaded"
+    urls = {s.payload["image_urls"][0] for s in emu.submissions[:3]}
+    assert len(urls) == 1 and urls != {emu.submissions[3].payload["image_urls"][0]}
+
+
+def _status_requests(emu: FalEmulator) -> tuple[list[int], list[int]]:
+    """The answers to status-stream requests and to status polls, in order."""
+    streams = [status for _, path, status in emu.log if "/status/stream" in path]
+    polls = [status for _, path, status in emu.log if "/status" in path and "/status/stream" not in path]
+    return streams, polls
+
+
+@pytest.mark.anyio
+async def test_the_status_stream_follows_a_job_without_polling(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    emu.queue_s, emu.latency_s = 0.3, 0.3
+    progress = Recorder()
+    result = await edit_once(
+        make_backend(), request(seed=5, num_inference_steps=6), [local_input()], progress
+    )
+    assert result.images[0].seed == 5
+    assert _status_requests(emu) == ([200], []), "one stream, no polls"
+    messages = [message for _, _, message in progress.events]
+    assert any("queued at position" in m for m in messages) and any(m.startswith("Step ") for m in messages)
+    progress.assert_monotonic()
+    assert result.timings["queue_s"] >= 0.2, "the time in fal's queue is still measured"
+
+
+@pytest.mark.anyio
+async def test_a_refused_or_broken_status_stream_falls_back_to_polling(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    emu.latency_s = 0.3
+    emu.add_fault("status", "http", times=1, status=503)  # the stream is refused
+    first = await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
+    streams, polls = _status_requests(emu)
+    assert first.images and streams == [503] and polls and set(polls) == {200}
+    emu.reset()
+    emu.latency_s = 0.3
+    emu.add_fault("status", "reset", times=1)  # the stream's connection drops
+    second = await edit_once(make_backend(), request(seed=2), [local_input()], Recorder())
+    streams, polls = _status_requests(emu)
+    assert second.images and streams == [0] and polls
+
+
+@pytest.mark.anyio
 async def test_persistent_overload_gives_up_in_bounded_time(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
@@ -404,7 +461,8 @@ async def test_malformed_json_is_a_backend_error_and_the_job_is_cancelled(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
     emu.latency_s = 5.0
-    emu.add_fault("status", "malformed")
+    # The status stream meets it first (and gives way to polling), then the first poll.
+    emu.add_fault("status", "malformed", times=2)
     with pytest.raises(BackendError, match="malformed answer to the status request"):
         await edit_once(make_backend(), request(seed=1), [local_input()], Recorder())
     assert emu.cancellations == [emu.submissions[0].request_id]

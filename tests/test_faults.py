@@ -82,7 +82,8 @@ CASES = [
     # Broken answers: a clear error naming what happened.
     Case("result-500", (Fault("result", "http", 1, {"status": 500}),), ("500", "result"), 5),
     Case("result-malformed-json", (Fault("result", "malformed", 1),), ("malformed",), 5),
-    Case("status-malformed-json", (Fault("status", "malformed", 1),), ("malformed",), 5, cancelled=True),
+    # Status faults meet the status stream first (which gives way to polling), then the polls: two.
+    Case("status-malformed-json", (Fault("status", "malformed", 2),), ("malformed",), 5, cancelled=True),
     Case(
         "status-html-502-forever",
         (Fault("status", "http", None, {"status": 502, "body": "<html>bad gateway</html>"}),),
@@ -90,7 +91,7 @@ CASES = [
         JOB_TIMEOUT_S + 6,
         cancelled=True,
     ),
-    Case("status-404", (Fault("status", "not_found", 1),), ("404",), 5, cancelled=True),
+    Case("status-404", (Fault("status", "not_found", 2),), ("404",), 5, cancelled=True),
     Case(
         "completed-with-error",
         (Fault("status", "completed_error", 1, {"message": "CUDA out of memory", "error_type": "oom"}),),

@@ -19,11 +19,14 @@ This module knows nothing about MCP, presets or the result store, and never impo
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import json
 import logging
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar, cast
@@ -72,6 +75,11 @@ RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 #: What fal-client already retries (10 times, up to ~30 s) inside its own calls: not again on top.
 FAL_CLIENT_RETRIES = frozenset({408, 409, 429})
 CANCEL_TIMEOUT_S = 5.0
+#: Uploaded inputs remembered by content (see ``_UploadCache``).
+UPLOAD_CACHE_SIZE = 256
+UPLOAD_TTL_S = 3600.0
+#: The status stream sends a keep-alive comment every 15 s; a silence of a minute means it is gone.
+STREAM_TIMEOUT = httpx.Timeout(30.0, read=60.0)
 RESULT_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
 MAX_DETAIL_CHARS = 500
 _STEP = re.compile(r"(\d+)\s*/\s*(\d+)")
@@ -97,6 +105,7 @@ class FalBackend:
             timeout=httpx.Timeout(settings.download_timeout_s), follow_redirects=True
         )
         self._slots = anyio.Semaphore(settings.fal_concurrency)
+        self._uploads = _UploadCache()
         self._secrets = _secret_parts(settings.fal_key)
 
     def capabilities(self) -> dict[str, Any]:
@@ -214,7 +223,7 @@ class FalBackend:
                         )
                         with anyio.CancelScope(shield=True):  # a job fal accepted is always recorded
                             await ctx.submitted(index, handle.request_id)
-                    completed, queue_s = await self._poll(handle, report)
+                    completed, queue_s = await self._wait(handle, report)
                     finished = True  # fal holds nothing more for us: no cancel from here on
                     if completed.error:
                         raise JobFailed(
@@ -249,33 +258,50 @@ class FalBackend:
             details={"request_id": handle.request_id},
         )
 
-    async def _poll(
+    async def _wait(
         self, handle: fal_client.AsyncRequestHandle, report: _Report
     ) -> tuple[fal_client.Completed, float]:
-        """Poll until COMPLETED, turning queue position and log lines into progress.
+        """Until COMPLETED: fal's status stream, which tells the moment a job finishes; polling when the
+        stream cannot be had or breaks off. Returns the final status and the seconds spent queued."""
+        watcher = _StatusWatcher(report)
+        try:
+            completed = await self._stream_status(handle, watcher)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            logger.debug("status stream of %s failed (%s); polling", handle.request_id, type(exc).__name__)
+            completed = None
+        if completed is None:
+            completed = await self._poll(handle, watcher)
+        return completed, watcher.queue_s
 
-        Returns the final status and the seconds spent in fal's queue.
-        """
-        submitted = time.monotonic()
-        queue_s: float | None = None
-        logs_seen, position = -1, -1
+    async def _stream_status(
+        self, handle: fal_client.AsyncRequestHandle, watcher: _StatusWatcher
+    ) -> fal_client.Completed | None:
+        """Follow ``GET {status_url}/stream`` (server-sent events); None when it is refused or ends early."""
+        url = handle.status_url + "/stream"
+        async with handle.client.stream("GET", url, params={"logs": 1}, timeout=STREAM_TIMEOUT) as response:
+            if response.status_code != 200 or "text/event-stream" not in response.headers.get(
+                "content-type", ""
+            ):
+                return None
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue  # comments (keep-alives) and blank separators
+                status = _parse_status(json.loads(line.removeprefix("data:")))
+                await watcher.see(status)
+                if isinstance(status, fal_client.Completed):
+                    return status
+        return None
+
+    async def _poll(
+        self, handle: fal_client.AsyncRequestHandle, watcher: _StatusWatcher
+    ) -> fal_client.Completed:
+        """Poll the status until COMPLETED, fast at first, backing off to a gentle rate for long jobs."""
         interval = POLL_FIRST_S
         while True:
             status = await self._retrying("status", lambda: handle.status(with_logs=True))
-            if isinstance(status, fal_client.Queued):
-                if status.position != position:  # report changes only, not every poll
-                    position = status.position
-                    await report(None, f"queued at position {position}")
-            elif queue_s is None:
-                queue_s = time.monotonic() - submitted
-            if isinstance(status, fal_client.InProgress):
-                logs = status.logs or []
-                if len(logs) > logs_seen:  # a new log line (or the first IN_PROGRESS): report it
-                    logs_seen = len(logs)
-                    last = logs[-1] if logs else {"message": "running on fal"}
-                    await report(_log_fraction(last), _log_message(last))
+            await watcher.see(status)
             if isinstance(status, fal_client.Completed):
-                return status, queue_s or 0.0
+                return status
             await anyio.sleep(interval)
             interval = min(interval * 1.5, POLL_MAX_S)
 
@@ -314,7 +340,11 @@ class FalBackend:
             data, content_type = item.data, item.content_type or "image/png"
             if self._settings.fal_upload == "data-uri":
                 return await anyio.to_thread.run_sync(_data_uri, data, content_type)
-            return await self._retrying("upload", lambda: self._fal.upload(data, content_type))
+            return await self._uploads.url(
+                data,
+                content_type,
+                lambda: self._retrying("upload", lambda: self._fal.upload(data, content_type)),
+            )
 
         return await _gather([partial(convert, item) for item in inputs])
 
@@ -499,6 +529,67 @@ class _RetryableStatus(Exception):
     """A download answered with a status worth retrying (429, 502-504)."""
 
 
+class _UploadCache:
+    """CDN URLs of the inputs this server uploaded, by content: an agent that edits the same image again
+    (a compare, a grid, the next step of a chain) does not upload it again. Concurrent calls with the
+    same bytes wait for one upload. Bounded (LRU) and kept for ``UPLOAD_TTL_S``, well inside the CDN's
+    retention."""
+
+    def __init__(self, capacity: int = UPLOAD_CACHE_SIZE) -> None:
+        self._capacity = capacity
+        self._urls: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._locks: dict[str, anyio.Lock] = {}
+
+    async def url(self, data: bytes, content_type: str, upload: Callable[[], Awaitable[str]]) -> str:
+        key = f"{content_type}:{hashlib.sha256(data).hexdigest()}"
+        lock = self._locks.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                cached = self._urls.get(key)
+                if cached is not None and time.monotonic() - cached[1] < UPLOAD_TTL_S:
+                    self._urls.move_to_end(key)
+                    return cached[0]
+                url = await upload()
+                self._urls[key] = (url, time.monotonic())
+                self._urls.move_to_end(key)
+                while len(self._urls) > self._capacity:
+                    self._urls.popitem(last=False)
+                return url
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(key, None)
+
+
+class _StatusWatcher:
+    """Turns the statuses of one job into progress: queue position changes and new log lines only,
+    and remembers how long the job was queued."""
+
+    def __init__(self, report: _Report) -> None:
+        self._report = report
+        self._submitted = time.monotonic()
+        self._queued_for: float | None = None
+        self._logs_seen, self._position = -1, -1
+
+    @property
+    def queue_s(self) -> float:
+        return self._queued_for or 0.0
+
+    async def see(self, status: fal_client.Status) -> None:
+        if isinstance(status, fal_client.Queued):
+            if status.position != self._position:
+                self._position = status.position
+                await self._report(None, f"queued at position {status.position}")
+            return
+        if self._queued_for is None:
+            self._queued_for = time.monotonic() - self._submitted
+        if isinstance(status, fal_client.InProgress):
+            logs = status.logs or []
+            if len(logs) > self._logs_seen:  # a new log line (or the first IN_PROGRESS): report it
+                self._logs_seen = len(logs)
+                last = logs[-1] if logs else {"message": "running on fal"}
+                await self._report(_log_fraction(last), _log_message(last))
+
+
 class _ProgressTracker:
     """Folds per-run fractions into one monotonic progress stream: done = sum(fractions) * unit."""
 
@@ -514,6 +605,23 @@ class _ProgressTracker:
         total = len(self._fractions) * self._unit
         # Before anything has happened (queued) the total is not meaningful yet.
         await self._progress(done, total if done or fraction is not None else None, message)
+
+
+def _parse_status(data: dict[str, Any]) -> fal_client.Status:
+    """One status object of the queue (as ``GET {status_url}`` answers it) as fal-client's types."""
+    state = data["status"]
+    if state == "IN_QUEUE":
+        return fal_client.Queued(position=int(data.get("queue_position") or 0))
+    if state == "IN_PROGRESS":
+        return fal_client.InProgress(logs=data.get("logs"))
+    if state == "COMPLETED":
+        return fal_client.Completed(
+            logs=data.get("logs"),
+            metrics=data.get("metrics") or {},
+            error=data.get("error"),
+            error_type=data.get("error_type"),
+        )
+    raise ValueError(f"unknown queue status {state!r}")
 
 
 def _log_message(log: Any) -> str:

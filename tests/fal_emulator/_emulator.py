@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from ._jobs import (
     KINDS,
     REQUEST_PATH,
     ROUTES,
+    EventStream,
     Fault,
     Job,
     Reply,
@@ -47,6 +48,7 @@ from ._server import Handler, TLSServer
 __all__ = ["FalEmulator"]
 
 QUEUE_POSITIONS = 3  # a queued request counts down 2, 1, 0 over queue_s
+STREAM_TICK_S = 0.005  # how often a status stream looks for a change
 
 
 class FalEmulator:
@@ -228,6 +230,24 @@ class FalEmulator:
         elif job.failure is not None:
             answer.update(error=job.failure[0], error_type=job.failure[1])
         return answer
+
+    def _status_stream(self, job: Job, with_logs: bool) -> EventStream:
+        """The status as fal's queue streams it: the current status, then each change, ending after
+        COMPLETED. Changes are looked for every few milliseconds, and at the very moment the job ends
+        (the emulator's jobs run on a clock), as fal pushes them."""
+
+        def events() -> Iterator[dict[str, Any]]:
+            last = None
+            while not self._closing.is_set():
+                status = self._status(job, with_logs)
+                if status != last:
+                    yield status
+                    last = status
+                if status["status"] == "COMPLETED":
+                    return
+                self._closing.wait(min(STREAM_TICK_S, job.time_left()))
+
+        return EventStream(events())
 
     def _result(self, job: Job) -> dict[str, Any]:
         if job.cancelled:

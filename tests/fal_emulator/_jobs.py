@@ -12,7 +12,7 @@ import io
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -25,6 +25,7 @@ __all__ = [
     "REQUEST_PATH",
     "ROUTES",
     "SIZE_PRESETS",
+    "EventStream",
     "Fault",
     "Job",
     "Reply",
@@ -51,7 +52,9 @@ SIZE_PRESETS = {
 }
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 PLACEHOLDER_SIDE = 512
-REQUEST_PATH = re.compile(r"^/(?P<app>[^/]+/[^/]+)/requests/(?P<id>[^/]+)(?P<tail>/status|/cancel)?/?$")
+REQUEST_PATH = re.compile(
+    r"^/(?P<app>[^/]+/[^/]+)/requests/(?P<id>[^/]+)(?P<tail>/status/stream|/status|/cancel)?/?$"
+)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,12 @@ class Job:
         """Why the job failed, once it has (None while it runs or when it succeeded)."""
         return self.error or (self.fails_at_end if self.phase()[0] == "done" else None)
 
+    def time_left(self) -> float:
+        """Seconds until the job ends by the clock (0 when it has; a stuck job never ends)."""
+        if self.stuck:
+            return float("inf")
+        return max(0.0, self.created + self.queue_s + self.latency_s - time.monotonic())
+
     def phase(self) -> tuple[str, float]:
         """("queue", fraction of the queue left) / ("progress", fraction done) / ("done", 1)."""
         if self.error is not None or self.cancelled:
@@ -110,6 +119,13 @@ class Job:
         if elapsed < self.queue_s + self.latency_s:
             return "progress", (elapsed - self.queue_s) / self.latency_s
         return "done", 1.0
+
+
+@dataclass
+class EventStream:
+    """A route's answer that is a ``text/event-stream``: each item of ``events`` is one event's data."""
+
+    events: Iterator[dict[str, Any]]
 
 
 class Reply(Exception):

@@ -1,6 +1,7 @@
 """The fal emulator's HTTPS side: a threaded TLS server on loopback and the request handler.
 
-The handler maps each request to a route (submit, status, result, cancel, token, upload, file),
+The handler maps each request to a route (submit, status and its event stream, result, cancel, token,
+upload, file),
 acts out an injected fault if one is due (HTTP errors, resets, stalls, malformed or huge bodies),
 checks the ``Authorization`` header, and answers with what the ``FalEmulator`` returns. The state
 itself (jobs, files, faults, recordings) lives in the emulator; this module only speaks HTTP.
@@ -21,7 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from ._jobs import REQUEST_PATH, Fault, Reply
+from ._jobs import REQUEST_PATH, EventStream, Fault, Reply
 
 if TYPE_CHECKING:
     from ._emulator import FalEmulator
@@ -110,6 +111,9 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # an emulator bug: say so loudly instead of dropping the connection
             traceback.print_exc()
             status, reply = 500, {"detail": f"fal emulator error: {exc!r}"}
+        if isinstance(reply, EventStream):
+            self._send_events(reply)
+            return
         if isinstance(reply, tuple):  # a file: (content type, bytes)
             headers, reply = {**headers, "Content-Type": reply[0]}, reply[1]
         self._send(status, reply, headers)
@@ -131,9 +135,12 @@ class Handler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/storage/upload/initiate":
             return "upload", "Key", lambda: emu._initiate_upload(body)
         match = REQUEST_PATH.match(path)
+        with_logs = parse_qs(parts.query).get("logs", ["0"])[0].lower() in ("1", "true")
         if match and method == "GET" and match["tail"] == "/status":
-            with_logs = parse_qs(parts.query).get("logs", ["0"])[0].lower() in ("1", "true")
             return "status", "Key", lambda: emu._status(emu._job(match["id"]), with_logs)
+        if match and method == "GET" and match["tail"] == "/status/stream":
+            # The stream is a form of the status route: a status fault hits it as well.
+            return "status", "Key", lambda: emu._status_stream(emu._job(match["id"]), with_logs)
         if match and method == "GET" and not match["tail"]:
             return "result", "Key", lambda: emu._result(emu._job(match["id"]))
         if match and method == "PUT" and match["tail"] == "/cancel":
@@ -190,6 +197,24 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(raw)
         self.server.emulator._record(self.command, self.path, status)
+
+    def _send_events(self, stream: EventStream) -> None:
+        """A ``text/event-stream`` in HTTP chunks, one ``data:`` event per status; the connection stays
+        usable after the last chunk, as fal's ingress keeps it alive."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.server.emulator._record(self.command, self.path, 200)
+        try:
+            for event in stream.events:
+                data = f"data: {json.dumps(event)}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True  # the client went away mid-stream
 
     def _send_huge(self, size: int, declare_length: bool) -> None:
         self.send_response(200)
