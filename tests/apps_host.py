@@ -136,7 +136,9 @@ class AppsHost:
 
     def calls(self, name: str) -> list[dict[str, Any]]:
         """The arguments of every tools/call of ``name`` the frame made, in order."""
-        return [p.get("arguments") or {} for m, p in self.forwarded if m == "tools/call" and p["name"] == name]
+        return [
+            p.get("arguments") or {} for m, p in self.forwarded if m == "tools/call" and p["name"] == name
+        ]
 
     def reads(self) -> list[str]:
         return [p["uri"] for m, p in self.forwarded if m == "resources/read"]
@@ -152,7 +154,9 @@ class AppsHost:
         viewport = self.page.viewport_size
         assert viewport is not None
         tall = await self.page.evaluate("() => document.documentElement.scrollHeight")
-        await self.page.set_viewport_size({"width": viewport["width"], "height": max(tall, viewport["height"])})
+        await self.page.set_viewport_size(
+            {"width": viewport["width"], "height": max(tall, viewport["height"])}
+        )
         await self.frame.locator("body").evaluate(TWO_FRAMES)
         await self.page.evaluate(TWO_FRAMES)
         await self.page.screenshot(path=str(path))
@@ -188,7 +192,9 @@ async def apps_host(
     assert resource.mime_type == APP_MIME_TYPE
     html = resource.text
     if csp:
-        html = html.replace("<head>", f'<head><meta http-equiv="Content-Security-Policy" content="{HOST_CSP}">', 1)
+        html = html.replace(
+            "<head>", f'<head><meta http-equiv="Content-Security-Policy" content="{HOST_CSP}">', 1
+        )
     shots.mkdir(parents=True, exist_ok=True)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

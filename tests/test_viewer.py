@@ -100,8 +100,15 @@ async def test_results_are_unchanged_for_clients_without_apps(
         return text
 
     assert without_ids(plain) == without_ids(apps)
-    assert [b.type for b in plain.content] == [b.type for b in apps.content] == ["text", "image", "resource_link"]
-    plain_id, apps_id = plain.structured_content["images"][0]["id"], apps.structured_content["images"][0]["id"]
+    assert (
+        [b.type for b in plain.content]
+        == [b.type for b in apps.content]
+        == ["text", "image", "resource_link"]
+    )
+    plain_id, apps_id = (
+        plain.structured_content["images"][0]["id"],
+        apps.structured_content["images"][0]["id"],
+    )
     assert text_of(plain).replace(plain_id, "ID") == text_of(apps).replace(apps_id, "ID")
     assert VIEWER_META_KEY not in (plain.meta or {})
     # With Apps, the viewer also learns where the input is: a small JPEG of the local file here.
@@ -192,7 +199,9 @@ async def test_viewer_shows_an_edit_before_after_and_its_actions_reach_the_serve
             assert host.left_the_frame() == []
             # The request log does see what leaves the frame (so the assertion above can fail).
             async with host.page.expect_request("http://127.0.0.1:9/probe"):
-                await frame.locator("body").evaluate("() => { fetch('http://127.0.0.1:9/probe').catch(() => 0); }")
+                await frame.locator("body").evaluate(
+                    "() => { fetch('http://127.0.0.1:9/probe').catch(() => 0); }"
+                )
             assert host.left_the_frame() == ["http://127.0.0.1:9/probe"]
 
 
@@ -217,7 +226,10 @@ async def test_viewer_shows_compare_seeds_as_a_labelled_grid_and_varies_the_chos
                 stored = Image.open(run["image"]["path"]).convert("RGB")
                 assert spread(thumb) > 10
                 # 64x48 in a square thumbnail: the image fills the middle 3/4 of its height.
-                shown, expected = mean_rgb(thumb, (0.1, 0.3, 0.9, 0.7)), mean_rgb(stored, (0.1, 0.23, 0.9, 0.77))
+                shown, expected = (
+                    mean_rgb(thumb, (0.1, 0.3, 0.9, 0.7)),
+                    mean_rgb(stored, (0.1, 0.23, 0.9, 0.77)),
+                )
                 assert distance(shown, expected) < 20, (index, shown, expected)
             await host.snap("compare")
 
@@ -253,7 +265,9 @@ async def test_viewer_shows_compare_seeds_as_a_labelled_grid_and_varies_the_chos
                     for (g, n), run in zip(points, grid_runs, strict=True)
                 ],
             }
-            gridded = four.model_copy(update={"structured_content": {**four.structured_content, "grid": grid}})
+            gridded = four.model_copy(
+                update={"structured_content": {**four.structured_content, "grid": grid}}
+            )
             await host.tool_result(gridded)
             await frame.locator("#grid table").wait_for()
             headers = await frame.locator("#grid th").all_inner_texts()
@@ -289,7 +303,9 @@ async def test_viewer_shows_compare_seeds_as_a_labelled_grid_and_varies_the_chos
             assert host.left_the_frame() == [] and host.console_errors == []
 
 
-async def test_viewer_follows_a_pending_job_and_cancels_it(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+async def test_viewer_follows_a_pending_job_and_cancels_it(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
     emulator.latency_s = 120
     env = _env(tmp_path, emulator, FLUX_MCP_CALL_BUDGET_S="1")
     async with stdio_client(env, extensions=[APPS]) as client:
