@@ -303,22 +303,39 @@ async def test_viewer_shows_compare_seeds_as_a_labelled_grid_and_varies_the_chos
             assert host.left_the_frame() == [] and host.console_errors == []
 
 
-async def test_viewer_follows_a_pending_job_and_cancels_it(
+async def test_viewer_follows_a_pending_job_to_its_result_or_cancels_it(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
-    emulator.latency_s = 120
     env = _env(tmp_path, emulator, FLUX_MCP_CALL_BUDGET_S="1")
     async with stdio_client(env, extensions=[APPS]) as client:
+        emulator.latency_s = 2.5  # past the 1 s budget: the call answers with a job
+        finishing = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
+        emulator.latency_s = 120
         pending = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
         job = pending.structured_content["job"]
+        assert finishing.structured_content["job"]["state"] in ("queued", "running"), text_of(finishing)
         assert job["state"] in ("queued", "running"), text_of(pending)
         async with apps_host(client, tmp_path / "shots", width=360) as host:
             frame = host.frame
+            # A job that finishes: the viewer collects it with get_result and shows the images.
+            await host.tool_result(finishing)
+            await frame.locator("#focus figcaption").filter(has_text="seed 42").wait_for()
+            assert host.calls("get_result")[0] == {
+                "job_id": finishing.structured_content["job"]["id"],
+                "wait_s": 10,
+            }
+            await frame.locator("#focus img.before[src^='data:image/jpeg']").wait_for()
+            await frame.locator("#focus img.after[src^='data:image/png']").wait_for()
+            assert await frame.locator("#job").count() == 0
+            await host.snap("job-collected-narrow")
+
+            # A job that runs on: progress while get_result waits, then cancel.
             await host.tool_result(pending)
+            before = len(host.calls("get_result"))
             text = frame.locator("#job .job-text")
             await text.filter(has_text=job["id"]).wait_for()
-            await host.wait_for_calls("get_result", 2)
-            assert host.calls("get_result")[0] == {"job_id": job["id"], "wait_s": 10}
+            await host.wait_for_calls("get_result", before + 2)
+            assert host.calls("get_result")[before : before + 2] == [{"job_id": job["id"], "wait_s": 10}] * 2
             assert "running" in await text.inner_text()
             assert await frame.locator("#job progress").count() == 1
             await host.snap("job-running")
@@ -326,7 +343,7 @@ async def test_viewer_follows_a_pending_job_and_cancels_it(
             await frame.locator("button[data-action='cancel']").click()
             await frame.locator("#status").filter(has_text="cancelled").wait_for()
             assert host.calls("cancel_job") == [{"job_id": job["id"]}]
-            assert emulator.cancellations == [emulator.submissions[0].request_id]
+            assert emulator.cancellations == [emulator.submissions[1].request_id]
             assert f"Job {job['id']}: cancelled" in await text.inner_text()
             assert await frame.locator("button[data-action='cancel']").is_disabled()
             await host.snap("job-cancelled")
