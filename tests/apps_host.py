@@ -59,11 +59,21 @@ HOST_PAGE = """<!doctype html>
   window.initialized = false;
   function post(message) { frame.contentWindow.postMessage(Object.assign({ jsonrpc: "2.0" }, message), "*"); }
   window.hostNotify = (method, params) => post({ method, params });
+  const answers = new Map();
+  let hostId = 0;
+  window.hostRequest = (method, params) => new Promise((resolve) => {
+    hostId += 1;
+    answers.set("host-" + hostId, resolve);
+    post({ id: "host-" + hostId, method, params });
+  });
   // Attached before the frame exists, so the frame's first ui/initialize cannot be missed.
   window.addEventListener("message", async (event) => {
     if (!frame || event.source !== frame.contentWindow) return;
     const msg = event.data;
-    if (msg.method === "ui/initialize") {
+    if (msg.method === undefined && answers.has(msg.id)) {
+      answers.get(msg.id)(msg);
+      answers.delete(msg.id);
+    } else if (msg.method === "ui/initialize") {
       post({ id: msg.id, result: {
         protocolVersion: msg.params.protocolVersion,
         hostInfo: { name: "flux-mcp-test-host", version: "1.0.0" },
@@ -124,6 +134,14 @@ class AppsHost:
         """Hand the frame a tool's result, as the host does when the call returns."""
         payload = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         await self.page.evaluate("r => hostNotify('ui/notifications/tool-result', r)", payload)
+
+    async def tool_input(self, arguments: dict[str, Any]) -> None:
+        """Hand the frame the call's arguments, as the host does while the call runs."""
+        await self.page.evaluate("a => hostNotify('ui/notifications/tool-input', {arguments: a})", arguments)
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A host-to-frame request (e.g. ui/resource-teardown); the frame's JSON-RPC answer."""
+        return await self.page.evaluate("([m, p]) => hostRequest(m, p)", [method, params])
 
     async def host_context(self, **changes: Any) -> None:
         await self.page.evaluate("c => hostNotify('ui/notifications/host-context-changed', c)", changes)

@@ -141,6 +141,9 @@ async def test_viewer_shows_an_edit_before_after_and_its_actions_reach_the_serve
         (image,) = result.structured_content["images"]
         async with apps_host(client, tmp_path / "shots") as host:
             frame = host.frame
+            await host.tool_input({**EDIT, "image_urls": [str(input_png)]})  # while the call runs
+            await frame.locator("h1").filter(has_text="Running").wait_for()
+            assert "turn it into a painting" in await frame.locator(".prompt").inner_text()
             await host.tool_result(result)
             caption = frame.locator("#focus figcaption")
             await caption.filter(has_text="seed 42").wait_for()
@@ -348,3 +351,7 @@ async def test_viewer_follows_a_pending_job_to_its_result_or_cancels_it(
             assert await frame.locator("button[data-action='cancel']").is_disabled()
             await host.snap("job-cancelled")
             assert host.left_the_frame() == []
+            teardown = await host.request("ui/resource-teardown", {})
+            assert teardown == {"jsonrpc": "2.0", "id": teardown["id"], "result": {}}
+            unknown = await host.request("ui/no-such-method", {})
+            assert unknown["error"]["code"] == -32601
