@@ -1,6 +1,6 @@
 # flux-mcp — the two commands a newcomer needs:
 #   make demo   install what the demo needs, then run edit_image + compare_seeds through a real MCP client
-#   make test   install what the tests need, then run lint + every test
+#   make test   install what the tests need (also chromium, for the viewer's browser tests), then lint + every test
 # Both create .venv/ on first use. `make bench` runs the benchmarks.
 
 VENV   ?= .venv
@@ -27,8 +27,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
-	$(PY) -m pytest
+# The viewer's browser tests drive Debian's chromium through Playwright (no browser download is
+# possible here): install the package once if it is missing (as root, as CI runs; sudo otherwise).
+CHROMIUM ?= /usr/bin/chromium
+SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+test: lint $(CHROMIUM)
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
 bench: install
 	$(PY) benchmarks/bench_hosted.py

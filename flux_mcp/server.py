@@ -31,7 +31,7 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__
+from . import __version__, viewer
 from .config import Settings
 from .errors import ConfigError, FluxMCPError, NotFound
 from .jobs import Job, JobManager
@@ -90,21 +90,6 @@ class _RawArguments(ArgModelBase):
         return {"arguments": dict(self.model_extra or {})}
 
 
-def _model_tool(
-    fn: Callable[..., Awaitable[Any]],
-    *,
-    name: str,
-    title: str,
-    description: str,
-    args_model: type[BaseModel],
-    annotations: ToolAnnotations,
-) -> Tool:
-    tool = Tool.from_function(fn, name=name, title=title, description=description, annotations=annotations)
-    tool.parameters = tool_input_schema(args_model)
-    tool.fn_metadata.arg_model = _RawArguments
-    return tool
-
-
 @dataclass(frozen=True)
 class AppState:
     """What the lifespan gives every request: the service and the job manager."""
@@ -153,8 +138,10 @@ async def _call_as_job(ctx: Context, tool: str, arguments: dict[str, Any]) -> Ca
             await state.jobs.cancel(job)
         raise
     if not finished:
-        return render_pending(job, await state.jobs.pending_view(job))
-    return await _job_result(state.jobs, job)
+        result = render_pending(job, await state.jobs.pending_view(job))
+    else:
+        result = await _job_result(state.jobs, job)
+    return await viewer.for_client(ctx, call.inputs, result)
 
 
 async def _job_result(jobs: JobManager, job: Job) -> CallToolResult:
@@ -309,6 +296,16 @@ class FluxMCPServer(MCPServer[AppState]):
                     item.mime_type = _sniff(item.content)
         return results
 
+    def use_model_arguments(self, name: str, args_model: type[BaseModel]) -> None:
+        """Make a registered tool take its raw arguments (``_RawArguments``), advertised with
+        ``args_model``'s schema. A tool bound through an extension is built by the SDK from the
+        function's signature, so this is applied once it is registered."""
+        tool = self._tool_manager.get_tool(name)
+        if tool is None:
+            raise ValueError(f"no tool named {name!r} is registered")
+        tool.parameters = tool_input_schema(args_model)
+        tool.fn_metadata.arg_model = _RawArguments
+
 
 def build_server(settings: Settings, service: FluxService | None = None) -> FluxMCPServer:
     """The MCP server, with a lifespan that starts (and closes) one FluxService."""
@@ -326,23 +323,20 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
     writes = ToolAnnotations(
         read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
     )
+    # edit_image and compare_seeds are bound to the viewer through the SDK's Apps extension.
+    apps = viewer.apps_extension()
+    for fn, title in (
+        (edit_image, "Edit images with FLUX.2 klein + LoRAs"),
+        (compare_seeds, "Compare seeds or parameters of one edit"),
+    ):
+        apps.tool(
+            resource_uri=viewer.VIEWER_URI,
+            name=fn.__name__,
+            title=title,
+            description=fn.__doc__ or "",
+            annotations=writes,
+        )(fn)
     tools = [
-        _model_tool(
-            edit_image,
-            name="edit_image",
-            title="Edit images with FLUX.2 klein + LoRAs",
-            description=edit_image.__doc__ or "",
-            args_model=EditImageArgs,
-            annotations=writes,
-        ),
-        _model_tool(
-            compare_seeds,
-            name="compare_seeds",
-            title="Compare seeds or parameters of one edit",
-            description=compare_seeds.__doc__ or "",
-            args_model=CompareSeedsArgs,
-            annotations=writes,
-        ),
         Tool.from_function(
             list_presets,
             name="list_presets",
@@ -374,7 +368,10 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
         version=__version__,
         lifespan=lifespan,
         tools=tools,
+        extensions=[apps],
     )
+    server.use_model_arguments("edit_image", EditImageArgs)
+    server.use_model_arguments("compare_seeds", CompareSeedsArgs)
 
     @server.resource(
         "flux://images/{image_id}",

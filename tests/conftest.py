@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.extension import ClientExtension
 from mcp.client.stdio import stdio_client as stdio_client_transport
 from PIL import Image
 
@@ -111,16 +112,21 @@ def server_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def stdio_client(env: dict[str, str], *args: str, stderr: Path | None = None) -> AsyncIterator[Client]:
+async def stdio_client(
+    env: dict[str, str], *args: str, stderr: Path | None = None, extensions: Sequence[ClientExtension] = ()
+) -> AsyncIterator[Client]:
     """A real MCP client talking to ``python -m flux_mcp`` over stdio in a subprocess.
 
-    The server's stderr (its log) goes to ``stderr`` when given, so tests can read it.
+    The server's stderr (its log) goes to ``stderr`` when given, so tests can read it; ``extensions``
+    are the client extensions it declares (e.g. MCP Apps).
     """
     params = StdioServerParameters(
         command=sys.executable, args=["-m", "flux_mcp", *args], env=env, cwd=str(REPO)
     )
     with open(stderr or os.devnull, "a") as errlog:
-        async with Client(stdio_client_transport(params, errlog=errlog)) as client:
+        async with Client(
+            stdio_client_transport(params, errlog=errlog), extensions=list(extensions)
+        ) as client:
             yield client
 
 
