@@ -249,28 +249,16 @@ async def test_viewer_shows_compare_seeds_as_a_labelled_grid_and_varies_the_chos
             await frame.locator("#grid .cell img.thumb[src^='data:image/png']").nth(3).wait_for()
             await host.snap("compare-varied")
 
-            # A grid on two axes (what a grid call returns): rows and columns labelled by their values.
-            four = await client.call_tool("compare_seeds", {**args, "seeds": [1, 2, 3, 4]})
-            grid_runs = four.structured_content["runs"]
+            # A real grid on two axes (compare_seeds with vary): rows and columns labelled by their values.
+            axes = [
+                {"field": "guidance_scale", "values": [4.0, 6.0]},
+                {"field": "num_inference_steps", "values": [8, 12]},
+            ]
+            gridded = await client.call_tool("compare_seeds", {**args, "seeds": [5], "vary": axes})
+            assert not gridded.is_error, text_of(gridded)
+            assert gridded.structured_content["grid"]["axes"] == axes
+            grid_runs = gridded.structured_content["runs"]
             points = [(4.0, 8), (4.0, 12), (6.0, 8), (6.0, 12)]
-            grid = {
-                "axes": [
-                    {"field": "guidance_scale", "values": [4.0, 6.0]},
-                    {"field": "num_inference_steps", "values": [8, 12]},
-                ],
-                "cells": [
-                    {
-                        "values": {"guidance_scale": g, "num_inference_steps": n},
-                        "image_id": run["image"]["id"],
-                        "seed": run["seed"],
-                        "error": None,
-                    }
-                    for (g, n), run in zip(points, grid_runs, strict=True)
-                ],
-            }
-            gridded = four.model_copy(
-                update={"structured_content": {**four.structured_content, "grid": grid}}
-            )
             await host.tool_result(gridded)
             await frame.locator("#grid table").wait_for()
             headers = await frame.locator("#grid th").all_inner_texts()
@@ -290,6 +278,7 @@ async def test_viewer_shows_compare_seeds_as_a_labelled_grid_and_varies_the_chos
             await frame.locator("#grid table").wait_for(state="detached")  # the new result has one axis
             gridded_vary = host.calls("compare_seeds")[-1]
             assert gridded_vary["guidance_scale"] == 6.0 and gridded_vary["num_inference_steps"] == 12
+            assert gridded_vary["count"] == 4 and "vary" not in gridded_vary
             await host.tool_result(gridded)
             await frame.locator("#grid td img.thumb[src^='data:image/png']").nth(3).wait_for()
             await host.snap("grid-two-axes")
