@@ -1,6 +1,7 @@
 """The human face, ``flux-mcp``: serve (stdio by default, --http), edit, compare, presets, schema, demo.
 
-``flux-mcp`` with no command runs the stdio MCP server (what Claude Desktop starts). The ``edit`` and
+``flux-mcp`` with no command runs the stdio MCP server (what Claude Desktop starts), through the
+``serve`` function the entry point (``__main__``) hands in: this face never imports the MCP face. The ``edit`` and
 ``compare`` commands build their options from the request model, so they take exactly the tools'
 arguments; only options given on the command line are sent, so presets behave as in the tools.
 Library errors become one readable line on stderr and exit code 1; stdout carries only results
@@ -13,7 +14,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -219,15 +220,6 @@ async def _run_compare(settings: Settings, args: dict[str, Any], quiet: bool, as
         print(f"{values}seed {run.seed}\t{where}")
 
 
-def _serve(settings: Settings, ns: argparse.Namespace) -> None:
-    from .server import serve_http, serve_stdio
-
-    if ns.http:
-        serve_http(settings, host=ns.host, port=ns.port, path=ns.path, allow_hosts=ns.allow_host)
-    else:
-        serve_stdio(settings)
-
-
 def _presets(settings: Settings, as_json: bool) -> None:
     from .results import presets_summary
     from .service import FluxService
@@ -338,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: Runs the MCP server: ``serve(settings, http=, host=, port=, path=, allow_hosts=)`` (the entry point
+#: passes the MCP face's; the CLI does not import it).
+ServeFn = Callable[..., None]
+
+
+def main(argv: Sequence[str] | None = None, *, serve: ServeFn | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
@@ -348,7 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if command == "serve":
             if ns.command is None:
                 ns = parser.parse_args(["serve"])
-            _serve(settings, ns)
+            if serve is None:
+                raise ConfigError("this entry point cannot serve MCP; run flux-mcp or python -m flux_mcp")
+            serve(settings, http=ns.http, host=ns.host, port=ns.port, path=ns.path, allow_hosts=ns.allow_host)
         elif command == "edit":
             anyio.run(_run_edit, settings, _request_args(ns, EditImageArgs), ns.quiet, ns.json)
         elif command == "compare":
@@ -369,7 +368,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

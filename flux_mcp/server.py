@@ -56,6 +56,7 @@ __all__ = [
     "render_edit",
     "render_pending",
     "render_presets",
+    "serve",
     "serve_http",
     "serve_stdio",
 ]
@@ -391,6 +392,14 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
 
 
 # -- serving ------------------------------------------------------------------------------------
+
+
+def serve(settings: Settings, *, http: bool, host: str, port: int, path: str, allow_hosts: list[str]) -> None:
+    """Serve MCP over stdio, or streamable HTTP with ``http``."""
+    if http:
+        serve_http(settings, host=host, port=port, path=path, allow_hosts=allow_hosts)
+    else:
+        serve_stdio(settings)
 
 
 def serve_stdio(settings: Settings) -> None:
