@@ -32,6 +32,7 @@ from ._jobs import (
     KINDS,
     REQUEST_PATH,
     ROUTES,
+    Event,
     Fault,
     Job,
     Reply,
@@ -64,6 +65,9 @@ class FalEmulator:
         self.cancellations: list[str] = []
         self.uploads: list[tuple[str, bytes]] = []
         self.log: list[tuple[str, str, int]] = []  # (method, path with query, status; 0 = reset)
+        #: The same answers with their route and when they were sent (time.monotonic(), which every
+        #: process on the machine shares): tests measure waits between requests from these, not clocks.
+        self.events: list[Event] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._jobs: dict[str, Job] = {}
@@ -120,7 +124,7 @@ class FalEmulator:
     def reset(self) -> None:
         """Forget recordings, faults and failing seeds (jobs and files stay reachable)."""
         with self._lock:
-            for recorded in (self.submissions, self.cancellations, self.uploads, self.log):
+            for recorded in (self.submissions, self.cancellations, self.uploads, self.log, self.events):
                 recorded.clear()
             self._faults.clear()
             self._fail_seeds.clear()
@@ -166,9 +170,15 @@ class FalEmulator:
                     return fault
         return None
 
-    def _record(self, method: str, path: str, status: int) -> None:
+    def _record(self, method: str, path: str, status: int, route: str | None) -> None:
         with self._lock:
             self.log.append((method, path, status))
+            self.events.append(Event(time.monotonic(), route or "", method, path, status))
+
+    def route_events(self, route: str) -> list[Event]:
+        """The answers given on ``route`` (submit, status, result, cancel, file, upload, token), in order."""
+        with self._lock:
+            return [event for event in self.events if event.route == route]
 
     def _job(self, request_id: str) -> Job:
         with self._lock:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageOps
 
@@ -25,6 +25,7 @@ __all__ = [
     "REQUEST_PATH",
     "ROUTES",
     "SIZE_PRESETS",
+    "Event",
     "Fault",
     "Job",
     "Reply",
@@ -51,6 +52,7 @@ SIZE_PRESETS = {
 }
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 PLACEHOLDER_SIDE = 512
+MAX_LORAS = 3
 REQUEST_PATH = re.compile(r"^/(?P<app>[^/]+/[^/]+)/requests/(?P<id>[^/]+)(?P<tail>/status|/cancel)?/?$")
 
 
@@ -62,6 +64,16 @@ class Submission:
     payload: dict[str, Any]
     request_id: str
     headers: dict[str, str]
+
+
+class Event(NamedTuple):
+    """One answer the emulator gave: when (time.monotonic()), on which route, to what, with what status."""
+
+    at: float
+    route: str
+    method: str
+    path: str
+    status: int  # 0 = the connection was reset instead
 
 
 @dataclass
@@ -149,12 +161,35 @@ def validate(payload: Any, decode: Callable[[str], Image.Image]) -> None:
         bad(["num_images"], "Input should be between 1 and 4", "less_than_equal")
     if payload.get("output_format", "png") not in FORMATS:
         bad(["output_format"], "Input should be 'jpeg', 'png' or 'webp'", "literal_error")
+    _validate_loras(payload.get("loras", []), bad)
     try:
         requested_size(payload.get("image_size"), (1, 1))
     except ValueError as exc:
         bad(["image_size"], str(exc), "value_error")
     if problems:
         raise Reply(422, {"detail": problems})
+
+
+def _validate_loras(loras: Any, bad: Callable[[list[Any], str, str], None]) -> None:
+    """fal's LoRA list: at most 3 items, each {path: non-empty string, scale: number in 0-4}."""
+    if not isinstance(loras, list):
+        bad(["loras"], "Input should be a valid list", "list_type")
+        return
+    if len(loras) > MAX_LORAS:
+        bad(
+            ["loras"],
+            f"List should have at most {MAX_LORAS} items after validation, not {len(loras)}",
+            "too_long",
+        )
+    for i, lora in enumerate(loras):
+        if not isinstance(lora, dict) or not isinstance(lora.get("path"), str) or not lora["path"]:
+            bad(["loras", i, "path"], "Field required", "missing")
+            continue
+        scale = lora.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale <= 4:
+            bad(["loras", i, "scale"], "Input should be a number between 0 and 4", "less_than_equal")
+        if set(lora) - {"path", "scale"}:
+            bad(["loras", i], "Extra inputs are not permitted", "extra_forbidden")
 
 
 def requested_size(image_size: Any, default: tuple[int, int]) -> tuple[int, int]:
