@@ -75,6 +75,7 @@ class FalEmulator:
         self._tokens: set[str] = set()
         self._pending: dict[str, str] = {}  # storage-fallback upload slot -> content type
         self._faults: list[Fault] = []
+        self._gate: threading.Event | None = None  # set by hold_jobs(): new jobs wait for it
         self._fail_seeds: dict[int, tuple[str, str, int]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
         ca = trustme.CA()
@@ -103,6 +104,7 @@ class FalEmulator:
         if self._closing.is_set():
             return
         self._closing.set()
+        self.release_jobs()
         self._server.shutdown()
         self._server.close_connections()
         self._server.server_close()
@@ -128,6 +130,7 @@ class FalEmulator:
                 recorded.clear()
             self._faults.clear()
             self._fail_seeds.clear()
+        self.release_jobs()
 
     def add_fault(self, route: str, kind: str, times: int | None = 1, **params: Any) -> None:
         """Make the next ``times`` requests to ``route`` (None = all of them) misbehave as ``kind``.
@@ -142,6 +145,20 @@ class FalEmulator:
             )
         with self._lock:
             self._faults.append(Fault(route, kind, times, params))
+
+    def hold_jobs(self) -> None:
+        """Jobs submitted from now on stop halfway through their steps (IN_PROGRESS, logging) until
+        ``release_jobs()``: a test decides when "fal" finishes, instead of racing a latency."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = threading.Event()
+
+    def release_jobs(self) -> None:
+        """Let every held job finish (at once, if its latency has passed)."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
 
     def fail_seed(
         self, seed: int, message: str, error_type: str = "generation_error", status: int = 500
@@ -216,6 +233,7 @@ class FalEmulator:
         job = Job(str(uuid.uuid4()), "/".join(app.split("/")[:2]), payload, self.queue_s, self.latency_s)
         seed = payload.get("seed")
         with self._lock:
+            job.gate = self._gate
             job.fails_at_end = self._fail_seeds.get(seed) if isinstance(seed, int) else None
             self._jobs[job.id] = job
             self.submissions.append(Submission(app, payload, job.id, headers))

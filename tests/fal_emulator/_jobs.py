@@ -53,6 +53,7 @@ SIZE_PRESETS = {
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 PLACEHOLDER_SIDE = 512
 MAX_LORAS = 3
+HELD_FRACTION = 0.5  # how far a held job gets before it waits for its release
 REQUEST_PATH = re.compile(r"^/(?P<app>[^/]+/[^/]+)/requests/(?P<id>[^/]+)(?P<tail>/status|/cancel)?/?$")
 
 
@@ -99,6 +100,8 @@ class Job:
     fails_at_end: tuple[str, str, int] | None = None
     output: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held halfway (``FalEmulator.hold_jobs``) until this is set; None = not held.
+    gate: threading.Event | None = None
 
     @property
     def steps(self) -> int:
@@ -119,6 +122,9 @@ class Job:
             return "queue", 1.0
         if elapsed < self.queue_s:
             return "queue", (self.queue_s - elapsed) / self.queue_s
+        if self.gate is not None and not self.gate.is_set():
+            running = (elapsed - self.queue_s) / self.latency_s if self.latency_s else 1.0
+            return "progress", min(running, HELD_FRACTION)
         if elapsed < self.queue_s + self.latency_s:
             return "progress", (elapsed - self.queue_s) / self.latency_s
         return "done", 1.0
