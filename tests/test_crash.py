@@ -3,8 +3,10 @@
 After a restart the output folder holds only complete results (image + sidecar), no temp file of a
 dead process survives, and every result stored before the crash is served again by its id with the
 same bytes. The kills are real SIGKILLs of the server process, found among this test process's
-children; the "while saving" kill freezes the server (SIGSTOP) the moment a temp file appears, so the
-kill provably lands mid-write.
+children. Where a kill must land at an exact point, the process stops itself there first, through a
+Python audit hook ("os.rename" fires before a rename acts): the server before committing its first
+image (SIGSTOP, then the test kills it), a lone store writer between its image and sidecar renames
+(SIGKILL). No sleep or polling race decides where a kill lands.
 
 This module knows the store's documented file layout (``<id>.<ext>`` + ``<id>.json``, temp files
 ``.tmp-<pid>-*``) and the tools' public behaviour, nothing else of the product.
@@ -13,7 +15,6 @@ This module knows the store's documented file layout (``<id>.<ext>`` + ``<id>.js
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -200,41 +201,39 @@ def _polled(emulator: Any, count: int) -> bool:
     return any(request_id in event.path for event in emulator.route_events("status"))
 
 
-def _noise_png(side: int) -> bytes:
-    """Noise compresses badly, so the server's writes are big enough to be caught in the act."""
-    buffer = io.BytesIO()
-    Image.effect_noise((side, side), 80).convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
+#: Put on the PYTHONPATH of one server process as ``sitecustomize``: an audit hook that freezes the
+#: server (SIGSTOP) just before it renames its first temp image into place ("os.rename" fires before
+#: os.replace acts). Both temp files of that result are then whole on disk and neither is committed:
+#: the kill that follows lands mid-write by construction, whatever the machine's load.
+_STOP_BEFORE_COMMIT = """
+import os, signal, sys
 
+def _stop_before_the_first_image_commit(event, args):
+    if event == "os.rename" and os.path.basename(str(args[0])).startswith(".tmp-"):
+        if str(args[1]).endswith((".png", ".jpg", ".webp")):
+            os.kill(os.getpid(), signal.SIGSTOP)
 
-#: Run as a separate process (its own GIL, so it is never starved by this process's threads): polls
-#: the folder and SIGSTOPs the server the moment one of its temp image files exists, then prints the
-#: folder's listing. A stop that lands after the rename is undone (SIGCONT) and it waits for the next.
-_FREEZER = """
-import json, os, signal, sys, time
-out, pid = sys.argv[1], int(sys.argv[2])
-prefix, exts, deadline = f".tmp-{pid}-", (".png", ".jpg", ".webp"), time.monotonic() + 30
-while time.monotonic() < deadline:
-    try:
-        names = os.listdir(out)
-    except FileNotFoundError:
-        names = []
-    if any(n.startswith(prefix) and n.endswith(exts) for n in names):
-        os.kill(pid, signal.SIGSTOP)
-        names = sorted(os.listdir(out))
-        if any(n.startswith(prefix) for n in names):
-            print(json.dumps(names), flush=True)
-            sys.exit(0)
-        os.kill(pid, signal.SIGCONT)
-    time.sleep(0.0002)
-sys.exit(1)
+sys.addaudithook(_stop_before_the_first_image_commit)
 """
 
 
-def _start_freezer(out: Path, pid: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", _FREEZER, str(out), str(pid)], stdout=subprocess.PIPE, text=True
-    )
+def _stopping_env(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """``env`` for a server that freezes itself before committing its first image."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_STOP_BEFORE_COMMIT)
+    return {**env, "PYTHONPATH": str(folder)}
+
+
+async def _stopped(proc: psutil.Process) -> bool:
+    """Wait until ``proc`` has frozen itself (True) or has exited (False)."""
+    with anyio.fail_after(60):
+        while True:
+            try:
+                if proc.status() == psutil.STATUS_STOPPED:
+                    return True
+            except psutil.NoSuchProcess:
+                return False
+            await anyio.sleep(0.01)
 
 
 async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
@@ -242,40 +241,31 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
 ) -> None:
     env = _env(tmp_path, emulator, FLUX_MCP_FAL_UPLOAD="data-uri")
     out = tmp_path / "out"
-    big = {
-        "num_images": 4,
-        "image_size": {"width": 1024, "height": 1024},
-        "image_urls": [data_uri(_noise_png(256))],
-    }
-    async with _server(env) as (client, proc):
+    several = {"num_images": 3, "image_urls": [data_uri(make_png())]}
+    async with _server(env) as (client, _):  # an earlier result, stored by a normal server
         first = (await _edit(client, 5)).structured_content["images"][0]
         first_bytes = await _blob(client, first["uri"])
+
+    async with _server(_stopping_env(env, tmp_path / "stopper")) as (client, proc):
         ended: list[Any] = []
 
         async def doomed_call() -> None:
             try:
-                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 6, **big}))
+                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 6, **several}))
             except Exception as exc:
                 ended.append(exc)
 
-        freezer = _start_freezer(out, proc.pid)
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(doomed_call)
-                with anyio.fail_after(30):
-                    while freezer.poll() is None and not ended:
-                        await anyio.sleep(0.01)
-                _kill(proc)
-                with anyio.fail_after(10):
-                    while not ended:
-                        await anyio.sleep(0.02)
-        finally:
-            freezer.kill()
-            listing = freezer.communicate()[0]
-        snapshot = json.loads(listing) if listing.strip() else None
+        async with anyio.create_task_group() as group:
+            group.start_soon(doomed_call)
+            assert await _stopped(proc), "the server exited instead of reaching its first commit"
+            snapshot = sorted(p.name for p in out.iterdir())
+            _kill(proc)
+            with anyio.fail_after(30):  # the pending call must end, not hang
+                while not ended:
+                    await anyio.sleep(0.02)
         dead = proc.pid
-    # The server died mid-write: a temp image file was on disk at the moment of the kill.
-    assert snapshot is not None, f"the store was never caught writing: {[type(e).__name__ for e in ended]}"
+    # The server died mid-write: its temp files were on disk at the moment of the kill.
+    assert not hasattr(ended[0], "is_error"), "the call cannot have succeeded: its server was killed"
     assert any(n.startswith(f".tmp-{dead}-") for n in snapshot), snapshot
     assert any(p.name.startswith(f".tmp-{dead}-") for p in _temp_files(out)), "the kill left no temp file"
 
