@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 POLL_FIRST_S = 0.05
 POLL_MAX_S = 0.5
 #: Our own retries, on top of fal-client's (which only retries 408/409/429, transport errors and
-#: nginx-looking 502-504): 4 attempts, sleeping 0.25, 0.5, 1 s (±25 %), so under 10 s in all.
+#: nginx-looking 502-504): 4 attempts, sleeping 0.25, 0.5, 1 s (±25 %), so under 10 s in all
+#: (15 s when every answer asks, by Retry-After, for the longest wait we grant).
 ATTEMPTS = 4
 BACKOFF_S = 0.25
 #: A Retry-After header on an answer we retry replaces that schedule, up to this many seconds (a
