@@ -3,8 +3,10 @@
 After a restart the output folder holds only complete results (image + sidecar), no temp file of a
 dead process survives, and every result stored before the crash is served again by its id with the
 same bytes. The kills are real SIGKILLs of the server process, found among this test process's
-children; the "while saving" kill freezes the server (SIGSTOP) the moment a temp file appears, so the
-kill provably lands mid-write.
+children. Where a kill must land at an exact point, the process stops itself there first, through a
+Python audit hook ("os.rename" fires before a rename acts): the server before committing its first
+image (SIGSTOP, then the test kills it), a lone store writer between its image and sidecar renames
+(SIGKILL). No sleep or polling race decides where a kill lands.
 
 This module knows the store's documented file layout (``<id>.<ext>`` + ``<id>.json``, temp files
 ``.tmp-<pid>-*``) and the tools' public behaviour, nothing else of the product.
@@ -13,7 +15,6 @@ This module knows the store's documented file layout (``<id>.<ext>`` + ``<id>.js
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import signal
@@ -104,7 +105,7 @@ def _temp_files(out: Path) -> list[Path]:
 def _committed(out: Path) -> dict[str, Path]:
     """Results whose sidecar landed (the store's commit marker), each checked to have its image."""
     found = {}
-    for sidecar in out.glob("*.json"):
+    for sidecar in out.glob("[!.]*.json"):  # not the hidden temp files
         record = json.loads(sidecar.read_text())
         image = out / record["file"]
         assert image.is_file() and image.stat().st_size > 0, f"{sidecar.name} has no image"
@@ -114,7 +115,7 @@ def _committed(out: Path) -> dict[str, Path]:
 
 def _orphans(out: Path) -> list[Path]:
     """Images without a sidecar (not stored: the sidecar is the commit marker)."""
-    return [p for p in out.iterdir() if p.suffix in IMAGE_EXTS and not p.with_suffix(".json").exists()]
+    return [p for p in out.glob("[!.]*") if p.suffix in IMAGE_EXTS and not p.with_suffix(".json").exists()]
 
 
 async def _assert_only_complete_results(client: Client, out: Path, dead_pid: int) -> set[Path]:
@@ -169,16 +170,13 @@ async def test_kill_during_a_running_edit_then_restart_serves_every_earlier_resu
 
         async with anyio.create_task_group() as group:
             group.start_soon(doomed_call)
-            with anyio.fail_after(10):
-                while len(emulator.submissions) < 3:
+            with anyio.fail_after(30):  # submitted, and polled while "fal" runs it: mid-edit
+                while not _polled(emulator, 3):
                     await anyio.sleep(0.02)
-            await anyio.sleep(0.3)
-            killed_at = time.monotonic()
             _kill(proc)
-            with anyio.fail_after(10):  # the pending call must end, not hang
+            with anyio.fail_after(30):  # the pending call must end, not hang
                 while not ended:
                     await anyio.sleep(0.02)
-        assert time.monotonic() - killed_at < 5
         assert not hasattr(ended[0], "is_error"), "the call cannot have succeeded: its server was killed"
         dead = proc.pid
     assert {img["id"]: Path(img["path"]).read_bytes() for img in earlier} == served
@@ -195,41 +193,47 @@ async def test_kill_during_a_running_edit_then_restart_serves_every_earlier_resu
     assert set(served) <= set(_committed(out))
 
 
-def _noise_png(side: int) -> bytes:
-    """Noise compresses badly, so the server's writes are big enough to be caught in the act."""
-    buffer = io.BytesIO()
-    Image.effect_noise((side, side), 80).convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
+def _polled(emulator: Any, count: int) -> bool:
+    """Whether the emulator has accepted ``count`` jobs and answered a status poll of the last one."""
+    if len(emulator.submissions) < count:
+        return False
+    request_id = emulator.submissions[count - 1].request_id
+    return any(request_id in event.path for event in emulator.route_events("status"))
 
 
-#: Run as a separate process (its own GIL, so it is never starved by this process's threads): polls
-#: the folder and SIGSTOPs the server the moment one of its temp image files exists, then prints the
-#: folder's listing. A stop that lands after the rename is undone (SIGCONT) and it waits for the next.
-_FREEZER = """
-import json, os, signal, sys, time
-out, pid = sys.argv[1], int(sys.argv[2])
-prefix, exts, deadline = f".tmp-{pid}-", (".png", ".jpg", ".webp"), time.monotonic() + 30
-while time.monotonic() < deadline:
-    try:
-        names = os.listdir(out)
-    except FileNotFoundError:
-        names = []
-    if any(n.startswith(prefix) and n.endswith(exts) for n in names):
-        os.kill(pid, signal.SIGSTOP)
-        names = sorted(os.listdir(out))
-        if any(n.startswith(prefix) for n in names):
-            print(json.dumps(names), flush=True)
-            sys.exit(0)
-        os.kill(pid, signal.SIGCONT)
-    time.sleep(0.0002)
-sys.exit(1)
+#: Put on the PYTHONPATH of one server process as ``sitecustomize``: an audit hook that freezes the
+#: server (SIGSTOP) just before it renames its first temp image into place ("os.rename" fires before
+#: os.replace acts). Both temp files of that result are then whole on disk and neither is committed:
+#: the kill that follows lands mid-write by construction, whatever the machine's load.
+_STOP_BEFORE_COMMIT = """
+import os, signal, sys
+
+def _stop_before_the_first_image_commit(event, args):
+    if event == "os.rename" and os.path.basename(str(args[0])).startswith(".tmp-"):
+        if str(args[1]).endswith((".png", ".jpg", ".webp")):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+sys.addaudithook(_stop_before_the_first_image_commit)
 """
 
 
-def _start_freezer(out: Path, pid: int) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", _FREEZER, str(out), str(pid)], stdout=subprocess.PIPE, text=True
-    )
+def _stopping_env(env: dict[str, str], folder: Path) -> dict[str, str]:
+    """``env`` for a server that freezes itself before committing its first image."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_STOP_BEFORE_COMMIT)
+    return {**env, "PYTHONPATH": str(folder)}
+
+
+async def _stopped(proc: psutil.Process) -> bool:
+    """Wait until ``proc`` has frozen itself (True) or has exited (False)."""
+    with anyio.fail_after(60):
+        while True:
+            try:
+                if proc.status() == psutil.STATUS_STOPPED:
+                    return True
+            except psutil.NoSuchProcess:
+                return False
+            await anyio.sleep(0.01)
 
 
 async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
@@ -237,40 +241,31 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
 ) -> None:
     env = _env(tmp_path, emulator, FLUX_MCP_FAL_UPLOAD="data-uri")
     out = tmp_path / "out"
-    big = {
-        "num_images": 4,
-        "image_size": {"width": 1024, "height": 1024},
-        "image_urls": [data_uri(_noise_png(256))],
-    }
-    async with _server(env) as (client, proc):
+    several = {"num_images": 3, "image_urls": [data_uri(make_png())]}
+    async with _server(env) as (client, _):  # an earlier result, stored by a normal server
         first = (await _edit(client, 5)).structured_content["images"][0]
         first_bytes = await _blob(client, first["uri"])
+
+    async with _server(_stopping_env(env, tmp_path / "stopper")) as (client, proc):
         ended: list[Any] = []
 
         async def doomed_call() -> None:
             try:
-                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 6, **big}))
+                ended.append(await client.call_tool("edit_image", {**EDIT, "seed": 6, **several}))
             except Exception as exc:
                 ended.append(exc)
 
-        freezer = _start_freezer(out, proc.pid)
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(doomed_call)
-                with anyio.fail_after(30):
-                    while freezer.poll() is None and not ended:
-                        await anyio.sleep(0.01)
-                _kill(proc)
-                with anyio.fail_after(10):
-                    while not ended:
-                        await anyio.sleep(0.02)
-        finally:
-            freezer.kill()
-            listing = freezer.communicate()[0]
-        snapshot = json.loads(listing) if listing.strip() else None
+        async with anyio.create_task_group() as group:
+            group.start_soon(doomed_call)
+            assert await _stopped(proc), "the server exited instead of reaching its first commit"
+            snapshot = sorted(p.name for p in out.iterdir())
+            _kill(proc)
+            with anyio.fail_after(30):  # the pending call must end, not hang
+                while not ended:
+                    await anyio.sleep(0.02)
         dead = proc.pid
-    # The server died mid-write: a temp image file was on disk at the moment of the kill.
-    assert snapshot is not None, f"the store was never caught writing: {[type(e).__name__ for e in ended]}"
+    # The server died mid-write: its temp files were on disk at the moment of the kill.
+    assert not hasattr(ended[0], "is_error"), "the call cannot have succeeded: its server was killed"
     assert any(n.startswith(f".tmp-{dead}-") for n in snapshot), snapshot
     assert any(p.name.startswith(f".tmp-{dead}-") for p in _temp_files(out)), "the kill left no temp file"
 
@@ -283,6 +278,62 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
         with Image.open(path) as img:
             img.load()  # every committed image is whole
         assert json.loads(path.with_suffix(".json").read_text())["id"] == image_id
+
+
+#: Stores one result with the real ResultStore in a process of its own and SIGKILLs that process just
+#: before its N-th rename: Python's "os.rename" audit event (os.replace raises it) fires before the
+#: rename happens. A real crash at a chosen point, with nothing of the store patched.
+_CRASHING_WRITER = """
+import io, os, signal, sys
+from pathlib import Path
+from PIL import Image
+from flux_mcp.store import ResultStore
+root, image_id, crash_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+renames = 0
+def crash_before_rename(event, args):
+    global renames
+    if event == "os.rename":
+        renames += 1
+        if renames == crash_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+buffer = io.BytesIO()
+Image.new("RGB", (32, 32), "teal").save(buffer, format="PNG")
+store = ResultStore(root)
+store.ensure()
+sys.addaudithook(crash_before_rename)
+store.save(image_id, buffer.getvalue(), "image/png", {"seed": 1})
+"""
+
+
+@pytest.mark.parametrize("crash_at", [1, 2], ids=["before-the-first-rename", "between-the-two-renames"])
+def test_a_crash_between_the_stores_two_renames_never_leaves_a_sidecar_without_its_image(
+    tmp_path: Path, crash_at: int
+) -> None:
+    """The sidecar is the commit marker, so it must be renamed into place after the image: killed
+    before either rename or between the two, the folder holds no sidecar whose image is missing."""
+    from flux_mcp.errors import NotFound
+    from flux_mcp.store import ResultStore
+
+    out, image_id = tmp_path / "out", "20261130-120000-0a1b2c3d"
+    writer = subprocess.run(
+        [sys.executable, "-c", _CRASHING_WRITER, str(out), image_id, str(crash_at)], timeout=60
+    )
+    assert writer.returncode == -signal.SIGKILL, "the writer was killed at its rename"
+    names = sorted(p.name for p in out.iterdir())
+    assert _committed(out) == {}, names  # no sidecar landed, and none without its image
+    assert len(_temp_files(out)) == 3 - crash_at, names  # the dead writer's files not yet renamed
+    store = ResultStore(out)
+    with pytest.raises(NotFound, match="No stored image"):
+        store.lookup(image_id)  # a lone image is not a result
+    store.sweep()
+    assert _temp_files(out) == [], "the dead writer's temp files are swept"
+    orphans = _orphans(out)
+    assert [p.name for p in orphans] == ([f"{image_id}.png"] if crash_at == 2 else [])
+    for orphan in orphans:  # kept while young (it could be a live writer's), swept once old
+        old = time.time() - 2 * ORPHAN_GRACE_S
+        os.utime(orphan, (old, old))
+    store.sweep()
+    assert list(out.iterdir()) == []
 
 
 @pytest.fixture

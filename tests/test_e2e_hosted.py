@@ -139,6 +139,44 @@ async def test_data_uri_upload_mode_sends_inline_images(
     assert sum(1 for b in result.content if b.type == "image") == 2
 
 
+async def test_previews_stay_small_whatever_the_size_of_the_stored_images(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    """Previews are for the chat, not the full images: one image's preview is at most 512 px on its long
+    side, several are at most 384 px each, all of one call together under the ~450 KB budget, and the
+    compare_seeds sheet is 256 px per seed, however big the outputs are."""
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        one = await client.call_tool(
+            "edit_image",
+            {**EDIT, "image_urls": [str(input_png)], "image_size": {"width": 2048, "height": 1536}},
+        )
+        four = await client.call_tool(
+            "edit_image", {**EDIT, "image_urls": [str(input_png)], "image_size": "square_hd", "num_images": 4}
+        )
+        sheet = await client.call_tool(
+            "compare_seeds",
+            {
+                "prompt": EDIT["prompt"],
+                "image_urls": [str(input_png)],
+                "image_size": "square_hd",
+                "seeds": [1, 2, 3],
+            },
+        )
+    for result in (one, four, sheet):
+        assert not result.is_error, text_of(result)
+    assert [(i["width"], i["height"]) for i in one.structured_content["images"]] == [(2048, 1536)]
+    assert [i["width"] for i in four.structured_content["images"]] == [1024] * 4
+
+    def previews(result: Any) -> list[tuple[tuple[int, int], int, str | None]]:
+        blocks = [b for b in result.content if b.type == "image"]
+        return [(_decode(b).size, len(base64.b64decode(b.data)), _decode(b).format) for b in blocks]
+
+    assert [(size, fmt) for size, _, fmt in previews(one)] == [((512, 384), "JPEG")]
+    assert [size for size, _, _ in previews(four)] == [(384, 384)] * 4
+    assert sum(n for _, n, _ in previews(four)) <= 450_000
+    assert [size for size, _, _ in previews(sheet)] == [(3 * 256, 256 + 22)]
+
+
 @pytest.mark.parametrize(
     ("args", "field"),
     [
@@ -187,12 +225,17 @@ async def test_endpoint_422_names_the_field(tmp_path: Path, emulator: Any, input
 async def test_cancelling_the_call_cancels_the_fal_request(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
-    emulator.latency_s = 30
+    emulator.hold_jobs()
     async with stdio_client(_env(tmp_path, emulator)) as client:
-        with anyio.move_on_after(1.5):
-            await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
-        assert await anyio.to_thread.run_sync(lambda: emulator.wait_until(lambda: emulator.cancellations, 10))
-        emulator.latency_s = 0
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.call_tool, "edit_image", {**EDIT, "image_urls": [str(input_png)]})
+            # Cancel once fal has the job and the server is polling it (not after a guessed delay).
+            assert await anyio.to_thread.run_sync(
+                lambda: emulator.wait_until(lambda: emulator.route_events("status"), 30)
+            )
+            group.cancel_scope.cancel()
+        assert await anyio.to_thread.run_sync(lambda: emulator.wait_until(lambda: emulator.cancellations, 30))
+        emulator.release_jobs()
         after = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
     assert emulator.cancellations == [emulator.submissions[0].request_id]
     assert not after.is_error

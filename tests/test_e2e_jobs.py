@@ -1,5 +1,8 @@
 """Edits that outlive the host's tool-call timeout: jobs, get_result, cancel_job, restarts —
-through the real mcp client over stdio against the loopback fal emulator with long model latency."""
+through the real mcp client over stdio against the loopback fal emulator.
+
+"fal" finishes when the test says so (the emulator holds jobs halfway until ``release_jobs()``), so no
+test races a model latency against the call budget on a loaded machine."""
 
 from __future__ import annotations
 
@@ -22,14 +25,29 @@ def _env(tmp_path: Path, emulator: Any, budget: str = "1") -> dict[str, str]:
     return server_env(tmp_path, **emulator.env(), FLUX_MCP_CALL_BUDGET_S=budget)
 
 
-async def _collect(client: Any, job_id: str, limit_s: float = 30) -> Any:
-    """get_result until the job is no longer running (each call waits at most the 1 s budget)."""
+async def _collect(client: Any, job_id: str, progress: Any = None, limit_s: float = 60) -> Any:
+    """get_result until the job is no longer running (each call waits at most the 1 s budget);
+    ``limit_s`` is only the safety net."""
     with anyio.fail_after(limit_s):
         while True:
-            result = await client.call_tool("get_result", {"job_id": job_id, "wait_s": 5})
+            result = await client.call_tool(
+                "get_result", {"job_id": job_id, "wait_s": 5}, progress_callback=progress
+            )
             job = (result.structured_content or {}).get("job")
             if result.is_error or not job or job["state"] not in ("queued", "running"):
                 return result
+
+
+async def _start(client: Any, tool: str, arguments: dict[str, Any], progress: Any = None) -> str:
+    """Call ``tool`` on a held job: it answers "still running" after the budget; the job's id."""
+    with anyio.fail_after(60):
+        pending = await client.call_tool(tool, arguments, progress_callback=progress)
+    assert not pending.is_error, text_of(pending)
+    job = pending.structured_content["job"]
+    assert job["state"] in ("queued", "running") and job["id"].startswith("job-")
+    assert "get_result" in text_of(pending) and job["id"] in text_of(pending)
+    assert pending.structured_content.get("images", []) == []
+    return str(job["id"])
 
 
 def _blocks(result: Any) -> list[tuple[str, Any]]:
@@ -54,46 +72,56 @@ async def test_short_calls_are_unchanged(tmp_path: Path, emulator: Any, input_pn
 async def test_a_call_past_its_budget_becomes_a_job_that_get_result_collects(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
-    emulator.latency_s = 2.5
+    emulator.hold_jobs()
     progress: list[str] = []
 
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append(message or "")
 
     async with stdio_client(_env(tmp_path, emulator)) as client:
-        with anyio.fail_after(10):
-            pending = await client.call_tool(
-                "edit_image", {**EDIT, "image_urls": [str(input_png)]}, progress_callback=on_progress
-            )
-        assert not pending.is_error, text_of(pending)
-        job = pending.structured_content["job"]
-        assert job["state"] in ("queued", "running") and job["id"].startswith("job-")
-        assert "get_result" in text_of(pending) and job["id"] in text_of(pending)
-        assert pending.structured_content["images"] == []
-        assert progress, "progress was forwarded while the call was open"
-
-        early = await client.call_tool("get_result", {"job_id": job["id"]})
-        assert not early.is_error and early.structured_content["job"]["id"] == job["id"]
-
-        done = await _collect(client, job["id"])
+        job_id = await _start(
+            client, "edit_image", {**EDIT, "image_urls": [str(input_png)]}, progress=on_progress
+        )
+        with anyio.fail_after(60):  # held halfway on "fal": get_result reports that progress
+            while not any("Step 4/8" in message for message in progress):
+                early = await client.call_tool(
+                    "get_result", {"job_id": job_id}, progress_callback=on_progress
+                )
+                assert not early.is_error and early.structured_content["job"]["id"] == job_id
+        emulator.release_jobs()
+        done = await _collect(client, job_id)
         assert not done.is_error, text_of(done)
-        again = await client.call_tool("get_result", {"job_id": job["id"]})
+        again = await client.call_tool("get_result", {"job_id": job_id})
 
     out = done.structured_content
     assert out["job"] is None and len(out["images"]) == 1 and Path(out["images"][0]["path"]).is_file()
     assert [b[0] for b in _blocks(done)] == ["text", "image", "resource_link"]
     assert _blocks(again) == _blocks(done)
     assert len(emulator.submissions) == 1, "the job ran once; get_result only collects"
-    record = json.loads((tmp_path / "out" / "jobs" / f"{job['id']}.json").read_text())
+    record = json.loads((tmp_path / "out" / "jobs" / f"{job_id}.json").read_text())
     assert record["info"]["state"] == "done" and record["remote"] == {"0": emulator.submissions[0].request_id}
     assert record["call"]["kind"] == "edit" and len(record["call"]["runs"]) == 1
 
 
-async def test_cancel_job_reaches_fals_cancel(tmp_path: Path, emulator: Any, input_png: Path) -> None:
-    emulator.latency_s = 30
+async def test_get_result_waits_no_longer_than_the_call_budget(
+    tmp_path: Path, emulator: Any, input_png: Path
+) -> None:
+    """wait_s is capped at FLUX_MCP_CALL_BUDGET_S (1 s here), so get_result never outlasts the host's
+    tool-call timeout: asked to wait an hour for a job that does not finish, it still answers."""
+    emulator.hold_jobs()  # never released: only the cap can end the wait
     async with stdio_client(_env(tmp_path, emulator)) as client:
-        pending = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
-        job_id = pending.structured_content["job"]["id"]
+        job_id = await _start(client, "edit_image", {**EDIT, "image_urls": [str(input_png)]})
+        with anyio.fail_after(30):  # the safety net, 30x the budget; an uncapped wait lasts 3600 s
+            waited = await client.call_tool("get_result", {"job_id": job_id, "wait_s": 3600})
+        await client.call_tool("cancel_job", {"job_id": job_id})
+    assert not waited.is_error, text_of(waited)
+    assert waited.structured_content["job"]["state"] == "running" and "get_result" in text_of(waited)
+
+
+async def test_cancel_job_reaches_fals_cancel(tmp_path: Path, emulator: Any, input_png: Path) -> None:
+    emulator.hold_jobs()
+    async with stdio_client(_env(tmp_path, emulator)) as client:
+        job_id = await _start(client, "edit_image", {**EDIT, "image_urls": [str(input_png)]})
         cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
         after = await client.call_tool("get_result", {"job_id": job_id})
         unknown = await client.call_tool("get_result", {"job_id": "job-20200101-000000-00000000"})
@@ -109,14 +137,15 @@ async def test_cancel_job_reaches_fals_cancel(tmp_path: Path, emulator: Any, inp
 async def test_a_finished_job_survives_a_restart_with_the_same_content(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
-    emulator.latency_s = 1.5
+    emulator.hold_jobs()
     env = _env(tmp_path, emulator)
     async with stdio_client(env) as client:
-        pending = await client.call_tool(
-            "compare_seeds", {"prompt": EDIT["prompt"], "image_urls": [str(input_png)], "seeds": [1, 2]}
+        job_id = await _start(
+            client,
+            "compare_seeds",
+            {"prompt": EDIT["prompt"], "image_urls": [str(input_png)], "seeds": [1, 2]},
         )
-        assert pending.structured_content, text_of(pending)
-        job_id = pending.structured_content["job"]["id"]
+        emulator.release_jobs()
         before = await _collect(client, job_id)
     assert not before.is_error, text_of(before)
     async with stdio_client(env) as client:
@@ -129,15 +158,19 @@ async def test_a_finished_job_survives_a_restart_with_the_same_content(
 async def test_a_hosted_job_running_at_restart_is_resumed_by_its_request_id(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
-    emulator.latency_s = 3
+    emulator.hold_jobs()
     env = _env(tmp_path, emulator)
     async with stdio_client(env) as client:
-        pending = await client.call_tool("edit_image", {**EDIT, "image_urls": [str(input_png)]})
-        job_id = pending.structured_content["job"]["id"]
+        job_id = await _start(client, "edit_image", {**EDIT, "image_urls": [str(input_png)]})
+        # fal has the job and the server polls it (its request id is recorded before the first poll).
+        assert await anyio.to_thread.run_sync(
+            lambda: emulator.wait_until(lambda: emulator.route_events("status"), 30)
+        )
     # The server is gone; fal's job was left running, not cancelled.
     assert emulator.cancellations == []
     record = json.loads((tmp_path / "out" / "jobs" / f"{job_id}.json").read_text())
     assert record["info"]["state"] == "running" and record["remote"]
+    emulator.release_jobs()
     async with stdio_client(env) as client:
         done = await _collect(client, job_id)
     assert not done.is_error, text_of(done)

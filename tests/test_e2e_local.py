@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,23 @@ def _env(tmp_path: Path, model: Path, loras: Path | None = None, **extra: str) -
         OMP_NUM_THREADS="1",
         **extra,
     )
+
+
+class StepRecorder:
+    """A progress callback that records the denoising steps a call reports ("step k/N")."""
+
+    def __init__(self) -> None:
+        self.done: list[float] = []
+
+    async def __call__(self, value: float, total: float | None, message: str | None) -> None:
+        if (message or "").startswith("step "):
+            self.done.append(value)
+
+    async def reached(self, step: int) -> None:
+        """Wait until ``step`` steps are done (the limit is only a safety net)."""
+        with anyio.fail_after(120):
+            while not self.done or max(self.done) < step:
+                await anyio.sleep(0.02)
 
 
 def _pixels(path: str) -> np.ndarray:
@@ -150,15 +168,13 @@ async def test_local_cancellation_queueing_and_cns(tmp_path: Path, tiny_model: P
 
     async with stdio_client(env) as client:
         await client.call_tool("edit_image", {**SMALL, "image_urls": refs})  # loads the model
-        steps: list[float] = []
-
-        async def first_progress(value: float, total: float | None, message: str | None) -> None:
-            steps.append(value)
-
-        with anyio.move_on_after(2):
-            await client.call_tool("edit_image", long, progress_callback=first_progress)
-        assert steps and max(steps) < 50, "cancelled mid-run"
-        with anyio.fail_after(30):  # the GPU is free again within about one step
+        steps = StepRecorder()
+        async with anyio.create_task_group() as group:
+            group.start_soon(partial(client.call_tool, "edit_image", long, progress_callback=steps))
+            await steps.reached(2)  # cancelled mid-run, whatever the machine's speed
+            group.cancel_scope.cancel()
+        assert max(steps.done) < 50, "cancelled mid-run"
+        with anyio.fail_after(60):  # the GPU is free again within about one step (generous: a safety net)
             quick = await client.call_tool("edit_image", {**SMALL, "image_urls": refs})
         assert not quick.is_error
 
@@ -167,9 +183,10 @@ async def test_local_cancellation_queueing_and_cns(tmp_path: Path, tiny_model: P
         async def run(name: str, args: dict[str, Any], progress: Any = None) -> None:
             results[name] = await client.call_tool("edit_image", args, progress_callback=progress)
 
+        first = StepRecorder()
         async with anyio.create_task_group() as group:
-            group.start_soon(run, "first", {**long, "num_inference_steps": 12})
-            await anyio.sleep(0.5)
+            group.start_soon(run, "first", {**long, "num_inference_steps": 12}, first)
+            await first.reached(1)  # the first edit holds the GPU: the second must wait in line
             group.start_soon(run, "second", {**SMALL, "image_urls": refs, "seed": 1}, second_progress)
         cns = await client.call_tool(
             "edit_image",

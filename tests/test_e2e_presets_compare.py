@@ -163,21 +163,32 @@ async def test_one_failing_run_among_four_keeps_the_others(
 
 
 async def test_cancelling_compare_cancels_every_run(tmp_path: Path, emulator: Any, input_png: Path) -> None:
-    emulator.latency_s = 30
+    emulator.hold_jobs()  # the runs never finish by themselves
+    arguments = {**BASE, "image_urls": [str(input_png)], "seeds": [1, 2, 3, 4]}
     async with stdio_client(_env(tmp_path, emulator, FLUX_MCP_FAL_CONCURRENCY="2")) as client:
-        with anyio.move_on_after(2):
-            await client.call_tool(
-                "compare_seeds", {**BASE, "image_urls": [str(input_png)], "seeds": [1, 2, 3, 4]}
+        async with anyio.create_task_group() as group:
+            group.start_soon(client.call_tool, "compare_seeds", arguments)
+            # Cancel once both slots' jobs are on fal and followed (their status streams open), not
+            # after a guessed delay.
+            assert await anyio.to_thread.run_sync(
+                lambda: emulator.wait_until(lambda: len(emulator.route_events("status")) >= 2, 30)
             )
+            group.cancel_scope.cancel()
         ok = await anyio.to_thread.run_sync(
-            lambda: emulator.wait_until(lambda: len(emulator.cancellations) >= 2, 10)
+            lambda: emulator.wait_until(lambda: len(emulator.cancellations) >= 2, 30)
         )
         assert ok
-        await anyio.sleep(0.5)
-    submitted = {s.request_id for s in emulator.submissions}
-    assert len(submitted) == 2, "the concurrency limit holds back runs 3 and 4"
-    assert set(emulator.cancellations) == submitted
-    assert list((tmp_path / "out").glob("*.png")) == []
+        cancelled = {s.request_id for s in emulator.submissions}
+        emulator.release_jobs()
+        # A later call is served: by then runs 3 and 4 would have been submitted if they were going to be.
+        after = await client.call_tool("edit_image", {**BASE, "image_urls": [str(input_png)], "seed": 9})
+    assert not after.is_error, text_of(after)
+    assert len(cancelled) == 2, "the concurrency limit holds back runs 3 and 4"
+    assert set(emulator.cancellations) == cancelled
+    assert [s.payload["seed"] for s in emulator.submissions[2:]] == [9], "runs 3 and 4 never reached fal"
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == [
+        Path(after.structured_content["images"][0]["path"]).name
+    ]
 
 
 async def test_cost_ceiling_refuses_before_anything_is_sent(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from email.utils import formatdate
 from typing import Any
 
 import anyio
@@ -21,7 +22,7 @@ import pytest
 from PIL import Image
 
 from flux_mcp.backends import BackendResult, InputImage, RunContext
-from flux_mcp.backends.fal import ATTEMPTS, FalBackend
+from flux_mcp.backends.fal import ATTEMPTS, MAX_RETRY_AFTER_S, FalBackend
 from flux_mcp.config import Settings
 from flux_mcp.errors import (
     BackendError,
@@ -30,12 +31,20 @@ from flux_mcp.errors import (
     InvalidRequest,
     JobFailed,
 )
-from flux_mcp.schema import ENDPOINT_ID, EditRequest
+from flux_mcp.schema import ENDPOINT_ID, EditRequest, LoraWeight
 
 from .conftest import edit_once
 from .fal_emulator import FalEmulator
 
 RED = (220, 30, 30)
+#: LoRAs as the agent gives them: a URL and a Hugging Face repo id, with scales.
+LORAS = [
+    {"path": "https://example.com/loras/sketch2paint.safetensors", "scale": 0.8},
+    {"path": "someone/klein-watercolor-lora", "scale": 1.5},
+]
+#: The safety net of waits for an event: generous, since the machine may be loaded; never reached
+#: when things work.
+EVENT_LIMIT_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +144,15 @@ async def test_edit_sends_the_payload_and_returns_images_at_the_requested_size(
 ) -> None:
     emu.queue_s, emu.latency_s = 0.3, 0.4
     backend = make_backend()
-    req = request(seed=7, num_images=2, num_inference_steps=4, image_size={"width": 48, "height": 40})
+    req = request(
+        seed=7, num_images=2, num_inference_steps=4, image_size={"width": 48, "height": 40}, loras=LORAS
+    )
     progress = Recorder()
 
     result = await edit_once(backend, req, [local_input()], progress)
 
     [submission] = emu.submissions
+    assert submission.payload["loras"] == LORAS  # passed as given: fal fetches them itself
     [(upload_type, upload_bytes)] = emu.uploads
     assert (upload_type, upload_bytes) == ("image/png", png())
     uploaded_url = submission.payload["image_urls"][0]
@@ -220,26 +232,34 @@ async def test_a_random_seed_is_reported_back(
 # ---------------------------------------------------------------------------------- cancellation
 
 
+async def wait_until(predicate: Callable[[], object]) -> None:
+    """Wait for an event the emulator records (``EVENT_LIMIT_S`` is only the safety net)."""
+    with anyio.fail_after(EVENT_LIMIT_S):
+        while not predicate():
+            await anyio.sleep(0.02)
+
+
 async def wait_for_submissions(emu: FalEmulator, count: int) -> None:
     """Wait until the emulator has accepted ``count`` submissions."""
-    with anyio.fail_after(10):
-        while len(emu.submissions) < count:
-            await anyio.sleep(0.02)
+    await wait_until(lambda: len(emu.submissions) >= count)
+
+
+def polls(emu: FalEmulator) -> int:
+    """How many status requests (status streams opened, and polls) the emulator has answered."""
+    return len(emu.route_events("status"))
 
 
 @pytest.mark.anyio
 async def test_cancelling_the_caller_cancels_the_fal_request(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
-    emu.latency_s = 10.0
+    emu.latency_s = 3600.0  # never finishes by itself: only the cancellation can end the call
     backend = make_backend()
-    async with anyio.create_task_group() as group:
-        group.start_soon(edit_once, backend, request(seed=1), [local_input()], Recorder())
-        await wait_for_submissions(emu, 1)
-        await anyio.sleep(0.2)  # let it poll a little
-        started = time.monotonic()
-        group.cancel_scope.cancel()
-    assert time.monotonic() - started < 2
+    with anyio.fail_after(EVENT_LIMIT_S):
+        async with anyio.create_task_group() as group:
+            group.start_soon(edit_once, backend, request(seed=1), [local_input()], Recorder())
+            await wait_until(lambda: polls(emu) >= 1)  # submitted, and its status followed
+            group.cancel_scope.cancel()
     # The cancel was sent before the cancelled call returned.
     assert emu.cancellations == [emu.submissions[0].request_id]
 
@@ -290,11 +310,15 @@ async def test_a_job_stuck_in_the_queue_times_out_and_is_cancelled(
 ) -> None:
     emu.add_fault("status", "stuck_in_queue")
     backend = make_backend(job_timeout_s=1.0)
-    started = time.monotonic()
-    with pytest.raises(BackendTimeout, match="FLUX_MCP_JOB_TIMEOUT_S") as caught:
+    with (
+        anyio.fail_after(EVENT_LIMIT_S),
+        pytest.raises(BackendTimeout, match="FLUX_MCP_JOB_TIMEOUT_S") as caught,
+    ):
         await edit_once(backend, request(seed=1), [local_input()], Recorder())
-    assert time.monotonic() - started < 3
     assert emu.cancellations == [emu.submissions[0].request_id]
+    # The deadline (which started just before the submit), not an early error, ended it.
+    [submitted], [cancelled] = emu.route_events("submit"), emu.route_events("cancel")
+    assert cancelled.at - submitted.at >= 0.5
     assert_clean(caught.value, emu)
 
 
@@ -337,13 +361,15 @@ async def test_overload_bursts_are_retried_until_success(
     emu.add_fault("submit", "http", times=2, status=503)
     emu.add_fault("status", "http", times=2, status=429)
     emu.add_fault("result", "http", times=1, status=502)
+    emu.add_fault("result", "http", times=1, status=429)  # our own GET: fal-client does not see it
     emu.add_fault("result", "reset", times=1)  # our own GET: retried by us
     emu.add_fault("status", "reset", times=1)  # through fal-client: retried by it
     result = await edit_once(make_backend(), request(seed=2), [local_input()], Recorder())
     assert len(result.images) == 1
     statuses = [status for _, _, status in emu.log]
-    assert statuses.count(503) == 2 and statuses.count(429) == 2 and statuses.count(502) == 1
+    assert statuses.count(503) == 2 and statuses.count(429) == 3 and statuses.count(502) == 1
     assert statuses.count(0) == 2  # the reset connections
+    assert [event.status for event in emu.route_events("result")] == [502, 429, 0, 200]
 
 
 @pytest.mark.anyio
@@ -408,13 +434,63 @@ async def test_persistent_overload_gives_up_in_bounded_time(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
     emu.add_fault("submit", "http", times=None, status=503)
-    started = time.monotonic()
-    with pytest.raises(BackendUnavailable, match="HTTP 503") as caught:
+    with anyio.fail_after(EVENT_LIMIT_S), pytest.raises(BackendUnavailable, match="HTTP 503") as caught:
         await edit_once(make_backend(), request(seed=2), [local_input()], Recorder())
-    assert time.monotonic() - started < 10
     assert sum(1 for method, _, status in emu.log if method == "POST" and status == 503) == ATTEMPTS
     assert emu.submissions == []
     assert_clean(caught.value, emu)
+
+
+def waits_after_refusal(emu: FalEmulator, route: str) -> float:
+    """Seconds between the emulator's first (refused) answer on ``route`` and the retried request's."""
+    refused, retried = emu.route_events(route)[:2]
+    assert refused.status in (429, 503) and retried.status == 200, emu.route_events(route)
+    return retried.at - refused.at
+
+
+@pytest.mark.anyio
+async def test_a_short_retry_after_is_waited_out_before_retrying(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    """3 s cannot be mistaken for our own backoff (0.25-1 s): the retry waited for the header."""
+    emu.add_fault("result", "http", status=429, headers={"Retry-After": "3"})
+    emu.add_fault("file", "http", status=503, headers={"Retry-After": "3"})
+    with anyio.fail_after(EVENT_LIMIT_S):
+        result = await edit_once(make_backend(), request(seed=3), [local_input()], Recorder())
+    assert len(result.images) == 1
+    for route in ("result", "file"):
+        waited = waits_after_refusal(emu, route)
+        assert 3.0 <= waited < MAX_RETRY_AFTER_S, f"{route}: retried after {waited:.2f} s"
+
+
+@pytest.mark.anyio
+async def test_a_huge_retry_after_is_capped(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    """An hour (in seconds, or as an HTTP date) would hold the tool call: the wait is capped instead."""
+    emu.add_fault("result", "http", status=503, headers={"Retry-After": "3600"})
+    in_an_hour = formatdate(time.time() + 3600, usegmt=True)
+    emu.add_fault("file", "http", status=429, headers={"Retry-After": in_an_hour})
+    with anyio.fail_after(EVENT_LIMIT_S + 2 * MAX_RETRY_AFTER_S):
+        result = await edit_once(make_backend(), request(seed=4), [local_input()], Recorder())
+    assert len(result.images) == 1
+    for route in ("result", "file"):
+        waited = waits_after_refusal(emu, route)
+        # It did wait (the header was read), but no longer than the cap (plus a loaded machine's slack).
+        assert MAX_RETRY_AFTER_S <= waited < MAX_RETRY_AFTER_S + 10, f"{route}: retried after {waited:.2f} s"
+
+
+@pytest.mark.anyio
+async def test_a_lora_fal_refuses_names_its_field(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    good = request(seed=1, loras=LORAS)
+    too_strong = LoraWeight.model_construct(path=LORAS[1]["path"], scale=9.0)  # past EditRequest's check
+    bad = good.model_copy(update={"loras": [good.loras[0], too_strong]})
+    with pytest.raises(InvalidRequest, match=r"loras\.1\.scale") as caught:
+        await edit_once(make_backend(), bad, [local_input()], Recorder())
+    assert caught.value.field == "loras.1.scale"
+    assert emu.submissions == []
 
 
 @pytest.mark.anyio
@@ -541,14 +617,17 @@ async def test_runs_go_concurrently_and_a_failing_run_leaves_the_others(
 async def test_concurrent_calls_share_one_limit_and_cancel_every_run(
     emu: FalEmulator, make_backend: Callable[..., FalBackend]
 ) -> None:
-    emu.latency_s = 10.0
+    emu.latency_s = 3600.0  # nothing finishes by itself, so no slot is freed before the cancel
     backend = make_backend(fal_concurrency=2)
     async with anyio.create_task_group() as group:
         runs = [request(seed=seed) for seed in (1, 2, 3)]
         group.start_soon(backend.run, runs, [local_input()], RunContext(Recorder()))
-        group.start_soon(edit_once, backend, request(seed=9), [local_input()], Recorder())
+        other = local_input(png(color=(10, 200, 10)))
+        group.start_soon(edit_once, backend, request(seed=9), [other], Recorder())
         await wait_for_submissions(emu, 2)
-        await anyio.sleep(0.4)  # room for a third submit, which the shared limit must prevent
+        # Both calls have uploaded their input (one upload each), so every run is at the semaphore,
+        # and both admitted jobs are being followed: a third submit has had every chance it must not take.
+        await wait_until(lambda: len(emu.uploads) == 2 and polls(emu) >= 2)
         group.cancel_scope.cancel()
     assert len(emu.submissions) == 2  # the shared semaphore let only two jobs in
     assert sorted(emu.cancellations) == sorted(s.request_id for s in emu.submissions)

@@ -12,7 +12,6 @@ This module knows the emulator's fault API and the product's public behaviour, n
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +30,9 @@ pytestmark = pytest.mark.anyio
 JOB_TIMEOUT_S = 4.0
 DOWNLOAD_TIMEOUT_S = 1.0
 MAX_DOWNLOAD_MB = 1
-#: The longest any single call may take before we call it a hang (the slowest case is ~JOB_TIMEOUT_S).
-HANG_S = 20.0
+#: The safety net: a call still unanswered after this long is a hang. No case asserts a wall-clock bound
+#: (the machine may be loaded); bounded retrying is asserted by counting the emulator's answers.
+HANG_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -45,86 +45,91 @@ class Fault:
 
 @dataclass(frozen=True)
 class Case:
-    """Faults to inject, the outcome expected ('ok' or words the error must contain), a time bound."""
+    """Faults to inject, the outcome expected ('ok' or words the error must contain), and, where it is
+    fixed, how many answers the first fault's route gives in all (retries are bounded, not endless)."""
 
     name: str
     faults: tuple[Fault, ...]
     expect: str | tuple[str, ...]
-    max_s: float
+    answers: int | None = None
     cancelled: bool = False  # the job must have been cancelled on fal
 
 
 CASES = [
     # Overload bursts: retried (by fal-client for 429, by the backend for 5xx) until they pass.
-    Case("submit-429-burst", (Fault("submit", "http", 3, {"status": 429}),), "ok", 8),
-    Case("submit-503-burst", (Fault("submit", "http", 2, {"status": 503}),), "ok", 6),
+    Case("submit-429-burst", (Fault("submit", "http", 3, {"status": 429}),), "ok", answers=4),
+    Case("submit-503-burst", (Fault("submit", "http", 2, {"status": 503}),), "ok", answers=3),
     Case(
         "submit-503-retry-after",
         (Fault("submit", "http", 1, {"status": 503, "headers": {"Retry-After": "0.2"}}),),
         "ok",
-        5,
+        answers=2,
     ),
-    Case("status-429-burst", (Fault("status", "http", 3, {"status": 429}),), "ok", 8),
-    Case("status-503-burst", (Fault("status", "http", 2, {"status": 503}),), "ok", 6),
-    Case("result-503-burst", (Fault("result", "http", 2, {"status": 503}),), "ok", 6),
-    Case("result-429-once", (Fault("result", "http", 1, {"status": 429}),), "ok", 6),
-    Case("file-503-burst", (Fault("file", "http", 2, {"status": 503}),), "ok", 6),
-    Case("upload-503-burst", (Fault("upload", "http", 2, {"status": 503}),), "ok", 8),
+    Case("status-429-burst", (Fault("status", "http", 3, {"status": 429}),), "ok"),
+    Case("status-503-burst", (Fault("status", "http", 2, {"status": 503}),), "ok"),
+    Case("result-503-burst", (Fault("result", "http", 2, {"status": 503}),), "ok", answers=3),
+    Case("result-429-once", (Fault("result", "http", 1, {"status": 429}),), "ok", answers=2),
+    Case("file-503-burst", (Fault("file", "http", 2, {"status": 503}),), "ok", answers=3),
+    Case("upload-503-burst", (Fault("upload", "http", 2, {"status": 503}),), "ok"),
     # Overload that never ends: a clear error, within the retry budget or the job deadline.
-    Case("submit-503-forever", (Fault("submit", "http", None, {"status": 503}),), ("overloaded", "503"), 6),
-    Case("submit-429-forever", (Fault("submit", "http", None, {"status": 429}),), ("did not finish",), 8),
+    Case(
+        "submit-503-forever",
+        (Fault("submit", "http", None, {"status": 503}),),
+        ("overloaded", "503"),
+        answers=4,
+    ),
+    Case("submit-429-forever", (Fault("submit", "http", None, {"status": 429}),), ("did not finish",)),
     # Connection resets: transport errors are retried.
-    Case("submit-reset", (Fault("submit", "reset", 1),), "ok", 6),
-    Case("status-reset", (Fault("status", "reset", 1),), "ok", 6),
-    Case("status-reset-twice", (Fault("status", "reset", 2),), "ok", 6),
-    Case("result-reset", (Fault("result", "reset", 1),), "ok", 6),
-    Case("file-reset", (Fault("file", "reset", 1),), "ok", 6),
+    Case("submit-reset", (Fault("submit", "reset", 1),), "ok", answers=2),
+    Case("status-reset", (Fault("status", "reset", 1),), "ok"),
+    Case("status-reset-twice", (Fault("status", "reset", 2),), "ok"),
+    Case("result-reset", (Fault("result", "reset", 1),), "ok", answers=2),
+    Case("file-reset", (Fault("file", "reset", 1),), "ok", answers=2),
     # Broken answers: a clear error naming what happened.
-    Case("result-500", (Fault("result", "http", 1, {"status": 500}),), ("500", "result"), 5),
-    Case("result-malformed-json", (Fault("result", "malformed", 1),), ("malformed",), 5),
+    Case("result-500", (Fault("result", "http", 1, {"status": 500}),), ("500", "result"), answers=1),
+    Case("result-malformed-json", (Fault("result", "malformed", 1),), ("malformed",), answers=1),
     # Status faults meet the status stream first (which gives way to polling), then the polls: two.
-    Case("status-malformed-json", (Fault("status", "malformed", 2),), ("malformed",), 5, cancelled=True),
+    Case(
+        "status-malformed-json", (Fault("status", "malformed", 2),), ("malformed",), answers=2, cancelled=True
+    ),
     Case(
         "status-html-502-forever",
         (Fault("status", "http", None, {"status": 502, "body": "<html>bad gateway</html>"}),),
         ("overloaded", "502"),
-        JOB_TIMEOUT_S + 6,
+        answers=1 + 4,  # the status stream, then the polls' 4 attempts
         cancelled=True,
     ),
-    Case("status-404", (Fault("status", "not_found", 2),), ("404",), 5, cancelled=True),
+    Case("status-404", (Fault("status", "not_found", 2),), ("404",), answers=2, cancelled=True),
     Case(
         "completed-with-error",
         (Fault("status", "completed_error", 1, {"message": "CUDA out of memory", "error_type": "oom"}),),
         ("failed", "CUDA out of memory"),
-        5,
     ),
     # Deadlines: a job stuck in the queue is cancelled on fal after FLUX_MCP_JOB_TIMEOUT_S.
     Case(
         "stuck-in-queue",
         (Fault("status", "stuck_in_queue", 1),),
         ("did not finish", "FLUX_MCP_JOB_TIMEOUT_S"),
-        JOB_TIMEOUT_S + 4,
         cancelled=True,
     ),
     # Output downloads: missing, stalled, oversized (declared or not).
-    Case("file-404", (Fault("file", "not_found", 1),), ("404",), 5),
+    Case("file-404", (Fault("file", "not_found", 1),), ("404",), answers=1),
     Case(
         "file-stall",
         (Fault("file", "stall", 1, {"seconds": 8}),),
         ("did not download", "FLUX_MCP_DOWNLOAD_TIMEOUT_S"),
-        DOWNLOAD_TIMEOUT_S + 4,
     ),
     Case(
         "file-huge-declared",
         (Fault("file", "huge", 1, {"size": 2 * 2**20}),),
         ("FLUX_MCP_MAX_DOWNLOAD_MB",),
-        5,
+        answers=1,
     ),
     Case(
         "file-huge-undeclared",
         (Fault("file", "huge", 1, {"size": 3 * 2**20, "declare_length": False}),),
         ("FLUX_MCP_MAX_DOWNLOAD_MB",),
-        5,
+        answers=1,
     ),
     # Several faults in one call, each on a different route, all survivable.
     Case(
@@ -136,7 +141,6 @@ CASES = [
             Fault("file", "http", 1, {"status": 502}),
         ),
         "ok",
-        8,
     ),
 ]
 
@@ -187,11 +191,9 @@ EDIT = {"prompt": "make it a watercolor", "seed": 11, "num_inference_steps": 8}
 INPUT = data_uri(make_png(48, 32))
 
 
-async def _edit(client: Client, **extra: Any) -> tuple[Any, float]:
-    started = time.monotonic()
+async def _edit(client: Client, **extra: Any) -> Any:
     with anyio.fail_after(HANG_S):
-        result = await client.call_tool("edit_image", {**EDIT, "image_urls": [INPUT], **extra})
-    return result, time.monotonic() - started
+        return await client.call_tool("edit_image", {**EDIT, "image_urls": [INPUT], **extra})
 
 
 def _pairs(out: Path) -> set[str]:
@@ -224,10 +226,13 @@ async def test_fault_ends_in_success_or_a_clear_error_and_the_server_keeps_servi
     for fault in case.faults:
         emu.add_fault(fault.route, fault.kind, fault.times, **fault.params)
 
-    result, elapsed = await _edit(served.client)
+    result = await _edit(served.client)
     text = text_of(result)
     _assert_clean_text(text, emu)
-    assert elapsed < case.max_s, f"{case.name} took {elapsed:.1f} s"
+    if case.answers is not None:
+        route = case.faults[0].route
+        statuses = [event.status for event in emu.route_events(route)]
+        assert len(statuses) == case.answers, f"{case.name}: {route} answered {statuses}"
     after = _pairs(served.out)
     if case.expect == "ok":
         assert not result.is_error, text
@@ -240,14 +245,13 @@ async def test_fault_ends_in_success_or_a_clear_error_and_the_server_keeps_servi
         assert after == before, "a failed call must not leave files behind"
     if case.cancelled:
         submitted = [s.request_id for s in emu.submissions]
-        assert await anyio.to_thread.run_sync(lambda: emu.wait_until(lambda: emu.cancellations, 5))
+        assert await anyio.to_thread.run_sync(lambda: emu.wait_until(lambda: emu.cancellations, 30))
         assert set(emu.cancellations) <= set(submitted) and emu.cancellations
 
     # The server keeps serving: with the faults cleared, the next call succeeds.
     emu.reset()
-    good, good_s = await _edit(served.client, seed=12)
+    good = await _edit(served.client, seed=12)
     assert not good.is_error, text_of(good)
-    assert good_s < 5
     assert len(_pairs(served.out)) == len(after) + 1
 
 
@@ -258,13 +262,11 @@ async def test_compare_seeds_survives_a_failing_seed_and_a_status_reset(served: 
     emu.fail_seed(102, "NSFW content detected", error_type="content_policy_violation")
     emu.add_fault("status", "reset", 1)
     before = _pairs(served.out)
-    started = time.monotonic()
     with anyio.fail_after(HANG_S):
         result = await served.client.call_tool(
             "compare_seeds", {**{k: v for k, v in EDIT.items() if k != "seed"}, "image_urls": [INPUT],
                               "seeds": [101, 102, 103]},
         )  # fmt: skip
-    elapsed = time.monotonic() - started
     text = text_of(result)
     _assert_clean_text(text, emu)
     assert not result.is_error, text
@@ -272,7 +274,6 @@ async def test_compare_seeds_survives_a_failing_seed_and_a_status_reset(served: 
     assert out["failed_seeds"] == [102] and "content_policy_violation" in text
     assert [r["seed"] for r in out["runs"] if r["image"]] == [101, 103]
     assert len(_pairs(served.out) - before) == 2
-    assert elapsed < 8
 
 
 async def test_server_log_stays_free_of_tracebacks_and_the_key(served: Served) -> None:

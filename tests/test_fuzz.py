@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from typing import Any
 import anyio
 import anyio.from_thread
 import fal_client.client
+import hypothesis
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -51,6 +53,9 @@ from .conftest import REPO, data_uri, make_png, server_env, text_of
 from .fal_emulator import FalEmulator
 
 EXAMPLES = 500
+#: The cases are drawn from this seed, so every run sends the same ones (a failure can be rerun as it
+#: was); set FUZZ_SEED=<n> to explore other cases. The seed in use is printed and named on failure.
+DEFAULT_FUZZ_SEED = 20261130
 CALL_LIMIT_S = 20.0
 MAX_ERROR_CHARS = 20_000
 HUGE = 2**20  # a 1 MB string
@@ -279,26 +284,48 @@ def check_answer(fuzz: Fuzz, name: str, args: dict[str, Any], result: Any, outco
         assert structured["presets"] and structured["backend"]["name"] == "fal"
 
 
+def fuzz_seed() -> int:
+    return int(os.environ.get("FUZZ_SEED") or DEFAULT_FUZZ_SEED)
+
+
+def seeded_cases(
+    strategy: st.SearchStrategy[Any], case_seed: int, examples: int
+) -> Callable[[Callable[[Any], None]], Callable[[], None]]:
+    """Run the decorated check on ``examples`` values drawn from ``strategy``, the same ones for the
+    same ``case_seed`` (no example database either, so nothing from earlier runs creeps in)."""
+
+    def decorate(check: Callable[[Any], None]) -> Callable[[], None]:
+        configured = settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            suppress_health_check=[
+                HealthCheck.too_slow,
+                HealthCheck.data_too_large,
+                HealthCheck.large_base_example,
+            ],
+        )
+        return hypothesis.seed(case_seed)(configured(given(strategy)(check)))
+
+    return decorate
+
+
 def run_fuzz(fuzz: Fuzz, name: str) -> Counter[str]:
     schema = fuzz.schema(name)
     outcomes: Counter[str] = Counter()
+    case_seed = fuzz_seed()
+    print(f"{name}: fuzz cases from FUZZ_SEED={case_seed}")
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        suppress_health_check=[
-            HealthCheck.too_slow,
-            HealthCheck.data_too_large,
-            HealthCheck.large_base_example,
-        ],
-    )
-    @given(args=tool_arguments(schema, fuzz.root))
+    @seeded_cases(tool_arguments(schema, fuzz.root), case_seed, EXAMPLES)
     def one_case(args: dict[str, Any]) -> None:
         outcomes["cases"] += 1
         check_answer(fuzz, name, args, fuzz.call(name, args), outcomes)
 
-    one_case()
+    try:
+        one_case()
+    except BaseException as exc:
+        exc.add_note(f"The fuzz cases came from FUZZ_SEED={case_seed}: set it to rerun exactly these.")
+        raise
     # Still serving: a plain good call works after the storm.
     after = fuzz.call("edit_image", {"prompt": "after the fuzz", "image_urls": [GOOD_PNG], "seed": 1})
     assert not after.is_error, text_of(after)
@@ -317,6 +344,25 @@ def test_every_fuzzed_call_is_answered_and_the_server_keeps_serving(fuzz: Fuzz, 
         assert outcomes["error"] >= EXAMPLES // 4 and outcomes["ok"] >= 5, outcomes
         assert fuzz.emulator.submissions
     print(f"{tool}: {dict(outcomes)} in {time.monotonic() - started:.1f} s")
+
+
+def test_the_fuzz_cases_are_the_same_for_the_same_seed(fuzz: Fuzz) -> None:
+    """A failing fuzz run can be rerun as it was: its cases depend on the seed alone."""
+    strategy = tool_arguments(fuzz.schema("edit_image"), fuzz.root)
+
+    def cases(case_seed: int) -> list[str]:
+        drawn: list[str] = []
+
+        @seeded_cases(strategy, case_seed, examples=25)
+        def keep(args: dict[str, Any]) -> None:
+            drawn.append(repr(args))  # repr: NaN never equals itself
+
+        keep()
+        return drawn
+
+    first = cases(DEFAULT_FUZZ_SEED)
+    assert len(first) == 25 and cases(DEFAULT_FUZZ_SEED) == first
+    assert cases(DEFAULT_FUZZ_SEED + 1) != first
 
 
 def test_targeted_hostile_arguments_get_short_clear_errors(fuzz: Fuzz) -> None:

@@ -23,11 +23,14 @@ import hashlib
 import io
 import json
 import logging
+import math
 import random
 import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -67,9 +70,12 @@ logger = logging.getLogger(__name__)
 POLL_FIRST_S = 0.05
 POLL_MAX_S = 0.5
 #: Our own retries, on top of fal-client's (which only retries 408/409/429, transport errors and
-#: nginx-looking 502-504): 4 attempts, sleeping 0.25, 0.5, 1 s (±25 %), so under 10 s in all.
+#: nginx-looking 502-504): 4 attempts, sleeping 0.25, 0.5, 1 s (±25 %), so under 10 s in all
+#: (15 s when every answer asks, by Retry-After, for the longest wait we grant).
 ATTEMPTS = 4
 BACKOFF_S = 0.25
+#: A Retry-After header on an answer we retry replaces that schedule, up to this many seconds (a
+#: server asking for an hour must not hold a tool call that long: we retry after 5 s instead).
 MAX_RETRY_AFTER_S = 5.0
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 #: What fal-client already retries (10 times, up to ~30 s) inside its own calls: not again on top.
@@ -396,13 +402,13 @@ class FalBackend:
                 if attempt == ATTEMPTS:
                     reason = str(exc) or type(exc).__name__
                     raise BackendError(f"{which} could not be downloaded from {url}: {reason}.") from None
-                await anyio.sleep(_backoff(attempt))
+                await anyio.sleep(_backoff(attempt, getattr(exc, "retry_after", None)))
         raise AssertionError("unreachable")
 
     async def _stream(self, url: str, limit: int, which: str) -> bytes:
         async with self._http.stream("GET", url) as response:
             if response.status_code in RETRY_STATUSES:
-                raise _RetryableStatus(f"HTTP {response.status_code}")
+                raise _RetryableStatus(f"HTTP {response.status_code}", response.headers.get("retry-after"))
             if response.status_code != 200:
                 raise BackendError(
                     f"{which} could not be downloaded from {url}: HTTP {response.status_code}."
@@ -526,7 +532,11 @@ async def _gather(calls: list[Callable[[], Awaitable[_T]]]) -> list[_T]:
 
 
 class _RetryableStatus(Exception):
-    """A download answered with a status worth retrying (429, 502-504)."""
+    """A download answered with a status worth retrying (429, 502-504), maybe with a Retry-After."""
+
+    def __init__(self, message: str, retry_after: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class _UploadCache:
@@ -638,12 +648,28 @@ def _log_fraction(log: Any) -> float | None:
 
 
 def _backoff(attempt: int, retry_after: str | None = None) -> float:
-    if retry_after is not None:
-        try:
-            return min(max(float(retry_after), 0.0), MAX_RETRY_AFTER_S)
-        except ValueError:
-            pass  # an HTTP date: fall back to our own schedule
+    """Seconds to wait before retry ``attempt + 1``: what the server asked for, else our own schedule."""
+    asked = _retry_after_s(retry_after)
+    if asked is not None:
+        return asked
     return BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+
+
+def _retry_after_s(header: str | None) -> float | None:
+    """A ``Retry-After`` header (delta-seconds or an HTTP date) in seconds, capped at
+    ``MAX_RETRY_AFTER_S`` so that a huge value cannot hold a call; None when absent or unreadable."""
+    if not header:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(header) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError):  # not a date, or one without a time zone
+            return None
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 def _secret_parts(key: str) -> list[str]:

@@ -32,6 +32,7 @@ from ._jobs import (
     KINDS,
     REQUEST_PATH,
     ROUTES,
+    Event,
     EventStream,
     Fault,
     Job,
@@ -66,6 +67,9 @@ class FalEmulator:
         self.cancellations: list[str] = []
         self.uploads: list[tuple[str, bytes]] = []
         self.log: list[tuple[str, str, int]] = []  # (method, path with query, status; 0 = reset)
+        #: The same answers with their route and when they were sent (time.monotonic(), which every
+        #: process on the machine shares): tests measure waits between requests from these, not clocks.
+        self.events: list[Event] = []
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._jobs: dict[str, Job] = {}
@@ -73,6 +77,7 @@ class FalEmulator:
         self._tokens: set[str] = set()
         self._pending: dict[str, str] = {}  # storage-fallback upload slot -> content type
         self._faults: list[Fault] = []
+        self._gate: threading.Event | None = None  # set by hold_jobs(): new jobs wait for it
         self._fail_seeds: dict[int, tuple[str, str, int]] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="fal-emulator-"))
         ca = trustme.CA()
@@ -101,6 +106,7 @@ class FalEmulator:
         if self._closing.is_set():
             return
         self._closing.set()
+        self.release_jobs()
         self._server.shutdown()
         self._server.close_connections()
         self._server.server_close()
@@ -122,10 +128,11 @@ class FalEmulator:
     def reset(self) -> None:
         """Forget recordings, faults and failing seeds (jobs and files stay reachable)."""
         with self._lock:
-            for recorded in (self.submissions, self.cancellations, self.uploads, self.log):
+            for recorded in (self.submissions, self.cancellations, self.uploads, self.log, self.events):
                 recorded.clear()
             self._faults.clear()
             self._fail_seeds.clear()
+        self.release_jobs()
 
     def add_fault(self, route: str, kind: str, times: int | None = 1, **params: Any) -> None:
         """Make the next ``times`` requests to ``route`` (None = all of them) misbehave as ``kind``.
@@ -140,6 +147,20 @@ class FalEmulator:
             )
         with self._lock:
             self._faults.append(Fault(route, kind, times, params))
+
+    def hold_jobs(self) -> None:
+        """Jobs submitted from now on stop halfway through their steps (IN_PROGRESS, logging) until
+        ``release_jobs()``: a test decides when "fal" finishes, instead of racing a latency."""
+        with self._lock:
+            if self._gate is None:
+                self._gate = threading.Event()
+
+    def release_jobs(self) -> None:
+        """Let every held job finish (at once, if its latency has passed)."""
+        with self._lock:
+            gate, self._gate = self._gate, None
+        if gate is not None:
+            gate.set()
 
     def fail_seed(
         self, seed: int, message: str, error_type: str = "generation_error", status: int = 500
@@ -168,9 +189,15 @@ class FalEmulator:
                     return fault
         return None
 
-    def _record(self, method: str, path: str, status: int) -> None:
+    def _record(self, method: str, path: str, status: int, route: str | None) -> None:
         with self._lock:
             self.log.append((method, path, status))
+            self.events.append(Event(time.monotonic(), route or "", method, path, status))
+
+    def route_events(self, route: str) -> list[Event]:
+        """The answers given on ``route`` (submit, status, result, cancel, file, upload, token), in order."""
+        with self._lock:
+            return [event for event in self.events if event.route == route]
 
     def _job(self, request_id: str) -> Job:
         with self._lock:
@@ -208,6 +235,7 @@ class FalEmulator:
         job = Job(str(uuid.uuid4()), "/".join(app.split("/")[:2]), payload, self.queue_s, self.latency_s)
         seed = payload.get("seed")
         with self._lock:
+            job.gate = self._gate
             job.fails_at_end = self._fail_seeds.get(seed) if isinstance(seed, int) else None
             self._jobs[job.id] = job
             self.submissions.append(Submission(app, payload, job.id, headers))

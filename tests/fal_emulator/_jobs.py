@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageOps
 
@@ -25,6 +25,7 @@ __all__ = [
     "REQUEST_PATH",
     "ROUTES",
     "SIZE_PRESETS",
+    "Event",
     "EventStream",
     "Fault",
     "Job",
@@ -52,6 +53,8 @@ SIZE_PRESETS = {
 }
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg"), "webp": ("WEBP", "image/webp")}
 PLACEHOLDER_SIDE = 512
+MAX_LORAS = 3
+HELD_FRACTION = 0.5  # how far a held job gets before it waits for its release
 REQUEST_PATH = re.compile(
     r"^/(?P<app>[^/]+/[^/]+)/requests/(?P<id>[^/]+)(?P<tail>/status/stream|/status|/cancel)?/?$"
 )
@@ -65,6 +68,16 @@ class Submission:
     payload: dict[str, Any]
     request_id: str
     headers: dict[str, str]
+
+
+class Event(NamedTuple):
+    """One answer the emulator gave: when (time.monotonic()), on which route, to what, with what status."""
+
+    at: float
+    route: str
+    method: str
+    path: str
+    status: int  # 0 = the connection was reset instead
 
 
 @dataclass
@@ -90,6 +103,8 @@ class Job:
     fails_at_end: tuple[str, str, int] | None = None
     output: dict[str, Any] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held halfway (``FalEmulator.hold_jobs``) until this is set; None = not held.
+    gate: threading.Event | None = None
 
     @property
     def steps(self) -> int:
@@ -102,8 +117,9 @@ class Job:
         return self.error or (self.fails_at_end if self.phase()[0] == "done" else None)
 
     def time_left(self) -> float:
-        """Seconds until the job ends by the clock (0 when it has; a stuck job never ends)."""
-        if self.stuck:
+        """Seconds until the job ends by the clock (0 when it has); a stuck job, or one held until the test
+        releases it, has no end in sight."""
+        if self.stuck or (self.gate is not None and not self.gate.is_set()):
             return float("inf")
         return max(0.0, self.created + self.queue_s + self.latency_s - time.monotonic())
 
@@ -116,6 +132,9 @@ class Job:
             return "queue", 1.0
         if elapsed < self.queue_s:
             return "queue", (self.queue_s - elapsed) / self.queue_s
+        if self.gate is not None and not self.gate.is_set():
+            running = (elapsed - self.queue_s) / self.latency_s if self.latency_s else 1.0
+            return "progress", min(running, HELD_FRACTION)
         if elapsed < self.queue_s + self.latency_s:
             return "progress", (elapsed - self.queue_s) / self.latency_s
         return "done", 1.0
@@ -165,12 +184,35 @@ def validate(payload: Any, decode: Callable[[str], Image.Image]) -> None:
         bad(["num_images"], "Input should be between 1 and 4", "less_than_equal")
     if payload.get("output_format", "png") not in FORMATS:
         bad(["output_format"], "Input should be 'jpeg', 'png' or 'webp'", "literal_error")
+    _validate_loras(payload.get("loras", []), bad)
     try:
         requested_size(payload.get("image_size"), (1, 1))
     except ValueError as exc:
         bad(["image_size"], str(exc), "value_error")
     if problems:
         raise Reply(422, {"detail": problems})
+
+
+def _validate_loras(loras: Any, bad: Callable[[list[Any], str, str], None]) -> None:
+    """fal's LoRA list: at most 3 items, each {path: non-empty string, scale: number in 0-4}."""
+    if not isinstance(loras, list):
+        bad(["loras"], "Input should be a valid list", "list_type")
+        return
+    if len(loras) > MAX_LORAS:
+        bad(
+            ["loras"],
+            f"List should have at most {MAX_LORAS} items after validation, not {len(loras)}",
+            "too_long",
+        )
+    for i, lora in enumerate(loras):
+        if not isinstance(lora, dict) or not isinstance(lora.get("path"), str) or not lora["path"]:
+            bad(["loras", i, "path"], "Field required", "missing")
+            continue
+        scale = lora.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not 0 <= scale <= 4:
+            bad(["loras", i, "scale"], "Input should be a number between 0 and 4", "less_than_equal")
+        if set(lora) - {"path", "scale"}:
+            bad(["loras", i], "Extra inputs are not permitted", "extra_forbidden")
 
 
 def requested_size(image_size: Any, default: tuple[int, int]) -> tuple[int, int]:

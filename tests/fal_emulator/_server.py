@@ -85,12 +85,14 @@ class TLSServer(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: TLSServer
+    #: The route of the request being answered (recorded with the answer); None before it is known.
+    route: str | None = None
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the emulator records requests in ``emu.log`` instead."""
 
     def _dispatch(self) -> None:
-        emu = self.server.emulator
+        emu, self.route = self.server.emulator, None
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
             self.close_connection = True
@@ -98,6 +100,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length) if length else b""
         route, scheme, answer = self._route(body)
+        self.route = route
         # Faults act before authentication, like an overloaded ingress in front of fal would.
         fault = emu._take_fault(route) if route else None
         if fault is not None and self._apply_fault(fault):
@@ -196,7 +199,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(raw)
-        self.server.emulator._record(self.command, self.path, status)
+        self.server.emulator._record(self.command, self.path, status, self.route)
 
     def _send_events(self, stream: EventStream) -> None:
         """A ``text/event-stream`` in HTTP chunks, one ``data:`` event per status; the connection stays
@@ -206,7 +209,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        self.server.emulator._record(self.command, self.path, 200)
+        self.server.emulator._record(self.command, self.path, 200, self.route)
         try:
             for event in stream.events:
                 data = f"data: {json.dumps(event)}\n\n".encode()
@@ -225,7 +228,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        self.server.emulator._record(self.command, self.path, 200)
+        self.server.emulator._record(self.command, self.path, 200, self.route)
         chunk, sent = b"\x89PNG" + bytes(64 * 1024 - 4), 0
         try:
             while sent < size and not self.server.emulator._closing.is_set():
@@ -236,7 +239,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _reset(self) -> None:
         """Drop the connection without an answer: SO_LINGER 0 makes close() send a TCP RST."""
-        self.server.emulator._record(self.command, self.path, 0)
+        self.server.emulator._record(self.command, self.path, 0, self.route)
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
         self.connection.close()
