@@ -21,7 +21,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import anyio
 
-from . import __version__
+from . import __version__, doctor
 from .config import Settings
 from .errors import ConfigError, FluxMCPError
 from .schema import IMAGE_SIZE_PRESETS, CompareSeedsArgs, EditImageArgs, EditRequest
@@ -191,6 +191,7 @@ def _serve(settings: Settings, ns: argparse.Namespace) -> None:
     from .server import build_server
 
     server = build_server(settings)
+    doctor.log_startup(settings)
     if not ns.http:
         server.run("stdio")
         return
@@ -361,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--backend", choices=["auto", "local", "fal"], default="auto")
     demo.add_argument("--output-dir", default=None, help="where the demo saves its results")
+
+    check = sub.add_parser("doctor", help="check the set-up (backend, key, folders, GPU) and say what to fix")
+    check.add_argument("--json", action="store_true", help="print the checks as JSON")
+    check.add_argument("--offline", action="store_true", help="do not ask fal whether FAL_KEY is accepted")
     return parser
 
 
@@ -389,6 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(ns.backend, ns.output_dir)
+        elif command == "doctor":
+            return doctor.run_command(settings, as_json=ns.json, online=not ns.offline)
     except FluxMCPError as exc:
         print(f"flux-mcp: {exc}", file=sys.stderr)
         return 1

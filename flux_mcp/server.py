@@ -321,6 +321,7 @@ def render_presets(out: PresetsOutput) -> CallToolResult:
         lines.append("Backend: " + ", ".join(f"{k}={v}" for k, v in backend.items()))
     else:
         lines.append(f"Backend: not available: {backend.get('error')}")
+    lines += [f"Set-up problem: {line}" for line in out.setup_problems]
     return CallToolResult(
         content=[TextContent(type="text", text="\n".join(lines))],
         structured_content=out.model_dump(mode="json"),

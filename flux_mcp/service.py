@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, Field, ValidationError
 
+from . import doctor
 from . import images as imaging
 from .backends import Backend, BackendResult, GeneratedImage, InputImage, SeedOutcome, create_backend
 from .config import Settings
@@ -165,6 +166,9 @@ class PresetsOutput(BaseModel):
     backend: dict[str, Any] = Field(description="The active backend and what it supports.")
     presets_file: str | None
     presets_file_error: str | None = None
+    setup_problems: list[str] = Field(
+        default_factory=list, description="What `flux-mcp doctor` finds wrong with the set-up, with the fix."
+    )
 
 
 @dataclass
@@ -402,6 +406,7 @@ class FluxService:
             backend=backend,
             presets_file=str(self.library.path) if self.library.path else None,
             presets_file_error=str(error) if error else None,
+            setup_problems=doctor.setup_problems(self.settings),
         )
 
     async def read_image(self, image_id: str) -> tuple[bytes, StoredFile]:
