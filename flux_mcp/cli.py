@@ -299,6 +299,12 @@ def _calibrate(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _input_roots(ns: argparse.Namespace) -> dict[str, Any]:
+    """``serve --input-root DIR ...`` as a settings override (empty picks are dropped)."""
+    roots = tuple(Path(p).expanduser() for p in getattr(ns, "input_root", []) if p.strip())
+    return {"input_roots": roots} if roots else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-mcp",
@@ -324,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST",
         help="extra Host header value to accept (DNS-rebinding protection stays on)",
+    )
+    serve.add_argument(
+        "--input-root",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="DIR",
+        help="folders local input paths may be read from (replaces FLUX_MCP_INPUT_ROOTS; "
+        "how an MCP bundle passes its folder pickers)",
     )
 
     for name, model, help_text in (
@@ -373,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(**_input_roots(ns))
         _setup_logging(settings, ns.verbose)
         command = ns.command or "serve"
         if command == "serve":
