@@ -38,7 +38,7 @@ def package_version() -> str:
     text = (REPO / "flux_mcp" / "__init__.py").read_text()
     match = re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE)
     if not match:
-        raise SystemExit("flux_mcp/__init__.py has no __version__ = \"...\" line")
+        raise SystemExit('flux_mcp/__init__.py has no __version__ = "..." line')
     return match.group(1)
 
 
@@ -87,7 +87,9 @@ def build(out: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "dist", help="where the .mcpb goes (default dist/)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "dist", help="where the .mcpb goes (default dist/)"
+    )
     print(build(parser.parse_args().out.resolve()))
     return 0
 

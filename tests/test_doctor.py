@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from flux_mcp.backends import create_backend
 from flux_mcp.config import Settings
 from flux_mcp.doctor import Report, diagnose
+from flux_mcp.errors import BackendUnavailable
 
 from .conftest import clean_env, free_port, run_cli, server_env, stdio_client
 
@@ -46,6 +48,22 @@ def test_auto_without_key_or_gpu_explains_both_ways_out(
     status, line = _check(diagnose(_settings(tmp_path)), "backend")
     assert status == "fail" and "no CUDA GPU" in line
     assert "set FAL_KEY" in line and "FLUX_MCP_BACKEND=local" in line
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"FAL_KEY": "id:secret"}, {"FLUX_MCP_BACKEND": "fal", "FAL_KEY": "id:secret"}]
+)
+def test_the_backend_line_agrees_with_the_backend_the_server_creates(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    settings = _settings(tmp_path, **env)
+    status, _ = _check(diagnose(settings), "backend")
+    try:
+        created = create_backend(settings).name
+    except BackendUnavailable:
+        created = None
+    assert (status == "ok") == (created is not None)
 
 
 def test_unwritable_output_folder_fails_and_names_the_variable(tmp_path: Path) -> None:

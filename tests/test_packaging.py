@@ -85,7 +85,12 @@ def test_sdist_and_wheel_pass_twine_and_carry_every_package_file(dist: Path, whe
     _run([str(BIN / "twine"), "check", "--strict", *map(str, dist.iterdir())])
     version = flux_mcp.__version__
     assert wheel.name == f"flux_mcp-{version}-py3-none-any.whl"
-    tracked = _run(["git", "ls-files", "flux_mcp"], cwd=REPO).stdout.split()
+    package = REPO / "flux_mcp"
+    tracked = [
+        p.relative_to(REPO).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         metadata = zf.read(f"flux_mcp-{version}.dist-info/METADATA").decode()
