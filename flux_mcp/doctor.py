@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
-
 from .backends import _cuda_present, local_available
 from .config import Settings
 from .errors import ConfigError
@@ -148,6 +146,7 @@ def fal_key_status(settings: Settings, online: bool) -> Check:
 def _ask_fal(settings: Settings) -> tuple[Literal["accepted", "rejected", "unknown"], str]:
     """Ask fal's REST API for a CDN upload token: free, and it needs a valid key."""
     import fal_client
+    import httpx
 
     base = (settings.fal_rest_url or fal_client.client.REST_URL).rstrip("/")
     try:
@@ -157,7 +156,7 @@ def _ask_fal(settings: Settings) -> tuple[Literal["accepted", "rejected", "unkno
                 headers={"Authorization": f"Key {settings.fal_key}", "Accept": "application/json"},
                 json={},
             )
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return "unknown", f"no answer from {base}: {type(exc).__name__}"
     if response.status_code in (401, 403):
         return "rejected", f"HTTP {response.status_code}"
