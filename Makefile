@@ -2,6 +2,8 @@
 #   make demo   install what the demo needs, then run edit_image + compare_seeds through a real MCP client
 #   make test   install what the tests need (also chromium, for the viewer's browser tests), then lint + every test
 # Both create .venv/ on first use. `make bench` runs the benchmarks.
+# Packaging: `make dist` (sdist + wheel in dist/, checked by twine), `make bundle` (dist/flux-mcp-*.mcpb
+# for Claude Desktop, validated and packed by the official mcpb CLI from npm). `make test` tests both.
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -9,7 +11,7 @@ PY      = $(VENV)/bin/python
 # On the project's CPU machines this pin takes the CPU wheel on disk; on a GPU box it is the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench serve clean conformance
+.PHONY: install demo test lint bench serve clean conformance dist bundle
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,8 +58,16 @@ conformance: install
 	  .node/node_modules/.bin/conformance server --url http://127.0.0.1:8799/mcp --scenario $$s || status=1; done; \
 	kill $$pid; exit $$status
 
+dist: install
+	rm -f dist/*.whl dist/*.tar.gz
+	$(PY) -m build --outdir dist
+	$(VENV)/bin/twine check --strict dist/*.whl dist/*.tar.gz
+
+bundle: install
+	$(PY) bundle/build_bundle.py --out dist
+
 serve: install
 	$(VENV)/bin/flux-mcp
 
 clean:
-	rm -rf $(VENV) .node .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .node .pytest_cache .ruff_cache .hypothesis .test-cache build dist

@@ -20,7 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import anyio
 
-from . import __version__
+from . import __version__, doctor
 from .config import Settings
 from .errors import ConfigError, FluxMCPError
 from .schema import IMAGE_SIZE_PRESETS, CompareSeedsArgs, EditImageArgs, EditRequest
@@ -260,6 +260,12 @@ def _calibrate(settings: Settings, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _input_roots(ns: argparse.Namespace) -> dict[str, Any]:
+    """``serve --input-root DIR ...`` as a settings override (empty picks are dropped)."""
+    roots = tuple(Path(p).expanduser() for p in getattr(ns, "input_root", []) if p.strip())
+    return {"input_roots": roots} if roots else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flux-mcp",
@@ -285,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="HOST",
         help="extra Host header value to accept (DNS-rebinding protection stays on)",
+    )
+    serve.add_argument(
+        "--input-root",
+        nargs="*",
+        action="extend",
+        default=[],
+        metavar="DIR",
+        help="folders local input paths may be read from (replaces FLUX_MCP_INPUT_ROOTS; "
+        "how an MCP bundle passes its folder pickers)",
     )
 
     for name, model, help_text in (
@@ -327,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--backend", choices=["auto", "local", "fal"], default="auto")
     demo.add_argument("--output-dir", default=None, help="where the demo saves its results")
+
+    check = sub.add_parser("doctor", help="check the set-up (backend, key, folders, GPU) and say what to fix")
+    check.add_argument("--json", action="store_true", help="print the checks as JSON")
+    check.add_argument("--offline", action="store_true", help="do not ask fal whether FAL_KEY is accepted")
     return parser
 
 
@@ -339,7 +358,7 @@ def main(argv: Sequence[str] | None = None, *, serve: ServeFn | None = None) -> 
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(**_input_roots(ns))
         _setup_logging(settings, ns.verbose)
         command = ns.command or "serve"
         if command == "serve":
@@ -362,6 +381,8 @@ def main(argv: Sequence[str] | None = None, *, serve: ServeFn | None = None) -> 
             from .demo import run_demo
 
             return run_demo(ns.backend, ns.output_dir)
+        elif command == "doctor":
+            return doctor.run_command(settings, as_json=ns.json, online=not ns.offline)
     except FluxMCPError as exc:
         print(f"flux-mcp: {exc}", file=sys.stderr)
         return 1

@@ -169,6 +169,9 @@ class PresetsOutput(BaseModel):
     backend: dict[str, Any] = Field(description="The active backend and what it supports.")
     presets_file: str | None
     presets_file_error: str | None = None
+    setup_problems: list[str] = Field(
+        default_factory=list, description="What `flux-mcp doctor` finds wrong with the set-up, with the fix."
+    )
 
 
 @dataclass
@@ -268,6 +271,7 @@ def presets_summary(out: PresetsOutput) -> str:
         lines.append("Backend: " + ", ".join(f"{k}={v}" for k, v in backend.items()))
     else:
         lines.append(f"Backend: not available: {backend.get('error')}")
+    lines += [f"Set-up problem: {line}" for line in out.setup_problems]
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from mcp.server.mcpserver.utilities.func_metadata import ArgModelBase
 from mcp.types import CallToolResult, ContentBlock, ImageContent, ResourceLink, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import __version__, viewer
+from . import __version__, doctor, viewer
 from .config import Settings
 from .errors import ConfigError, FluxMCPError, NotFound
 from .jobs import Job, JobManager
@@ -395,7 +395,9 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
 
 
 def serve(settings: Settings, *, http: bool, host: str, port: int, path: str, allow_hosts: list[str]) -> None:
-    """Serve MCP over stdio, or streamable HTTP with ``http``."""
+    """Serve MCP over stdio, or streamable HTTP with ``http``; the set-up summary goes to stderr first
+    (hosts show it in their MCP logs)."""
+    doctor.log_startup(settings)
     if http:
         serve_http(settings, host=host, port=port, path=path, allow_hosts=allow_hosts)
     else:

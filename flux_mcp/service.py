@@ -29,8 +29,8 @@ import anyio
 import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 
+from . import doctor, sheets
 from . import images as imaging
-from . import sheets
 from .backends import (
     Backend,
     BackendResult,
@@ -342,6 +342,7 @@ class FluxService:
             backend=backend,
             presets_file=str(self.library.path) if self.library.path else None,
             presets_file_error=str(error) if error else None,
+            setup_problems=doctor.setup_problems(self.settings),
         )
 
     async def read_image(self, image_id: str) -> tuple[bytes, StoredFile]:
