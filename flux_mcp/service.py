@@ -30,7 +30,15 @@ from .backends import Backend, BackendResult, GeneratedImage, InputImage, SeedOu
 from .config import Settings
 from .errors import BackendError, BackendUnavailable, CostLimitExceeded, FluxMCPError, InvalidRequest
 from .presets import LoraEntry, Preset, PresetLibrary, apply_preset, describe_validation_error
-from .schema import IMAGE_SIZE_PRESETS, MAX_SEED, CompareSeedsArgs, EditImageArgs, EditRequest, output_size
+from .schema import (
+    IMAGE_SIZE_PRESETS,
+    MAX_SEED,
+    CompareSeedsArgs,
+    EditImageArgs,
+    EditRequest,
+    output_size,
+    wrap_seed,
+)
 from .store import ResultStore, StoredFile
 
 __all__ = [
@@ -116,7 +124,9 @@ class EditOutput(_CallOutput):
     """Structured result of edit_image."""
 
     images: list[ImageOut] = Field(default_factory=list)
-    seed: int | None = Field(None, description="Seed of the first image; image i used seed + i.")
+    seed: int | None = Field(
+        None, description="Seed of the first image; image i used seed + i (modulo 2^32)."
+    )
 
 
 class SeedRun(BaseModel):
@@ -453,7 +463,7 @@ class FluxService:
                     "created": created,
                     "backend": backend.name,
                     "endpoint": backend.endpoint,
-                    "seed": image.seed,
+                    "seed": wrap_seed(image.seed),  # a backend's seed + i may pass MAX_SEED
                     "index": index,
                     "width": image.width,
                     "height": image.height,

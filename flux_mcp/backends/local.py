@@ -70,7 +70,7 @@ from .. import netguard
 from ..config import APP, Settings
 from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
 from ..images import check_image_bytes
-from ..schema import MAX_SEED, EditRequest, output_size
+from ..schema import MAX_SEED, EditRequest, image_seeds, output_size
 from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
 from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
 from .loras import AdapterCache, LoraFile, LoraFiles
@@ -132,8 +132,8 @@ class LocalBackend:
         }
 
     async def edit(self, request: EditRequest, inputs: list[InputImage], progress: Progress) -> BackendResult:
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - 3)
-        return await self._run(request, inputs, [seed + i for i in range(request.num_images)], progress)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        return await self._run(request, inputs, image_seeds(seed, request.num_images), progress)
 
     async def edit_seeds(
         self, request: EditRequest, inputs: list[InputImage], seeds: list[int], progress: Progress
@@ -345,13 +345,10 @@ class _Engine:
         try:
             # 4. LoRA adapters
             applied = self.adapters.activate(pipe, job.loras, lambda message: job.notify(0, message))
+            notes += self.adapters.notes(job.loras)
             # 5. Prompt embeddings, for one image: the pipeline repeats them per image
             job.notify(0, "encoding the prompt")
-            cfg = request.guidance_scale > 1 and not pipe.config.is_distilled
-            prompt_embeds, _ = pipe.encode_prompt(prompt=request.prompt, num_images_per_prompt=1)
-            negative_embeds = (
-                pipe.encode_prompt(request.negative_prompt, num_images_per_prompt=1)[0] if cfg else None
-            )
+            prompt_embeds, negative_embeds = self._encode_prompts(request)
             if request.guidance_scale > 1 and pipe.config.is_distilled:
                 notes.append("this model is step-distilled: guidance_scale and negative_prompt were ignored.")
             # 6. Denoise
@@ -404,6 +401,19 @@ class _Engine:
         if nsfw[0] is not None:
             details["safety_model"] = self.settings.safety_model
         return images, nsfw, details
+
+    @torch.no_grad()
+    def _encode_prompts(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's embeddings and, with true CFG, the negative prompt's; for one image each.
+
+        Without grad: ``encode_prompt`` is not decorated, and embeddings that kept the text encoder's
+        autograd graph would hold it (gigabytes for Qwen3-8B) for the whole run.
+        """
+        pipe = self.pipe
+        prompt_embeds, _ = pipe.encode_prompt(prompt=request.prompt, num_images_per_prompt=1)
+        if request.guidance_scale <= 1 or pipe.config.is_distilled:
+            return prompt_embeds, None
+        return prompt_embeds, pipe.encode_prompt(request.negative_prompt, num_images_per_prompt=1)[0]
 
     def _safety_check(
         self, job: _Job, images: list[Image.Image], notes: list[str]

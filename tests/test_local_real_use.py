@@ -1,0 +1,119 @@
+"""The local backend under conditions of real use that the miniature used to hide (issue 11).
+
+Each test reproduces one defect on the tiny random klein pipeline, through the real backend: LoRA
+files diffusers loads only in part, prompt embeddings that kept an autograd graph, seeds past the
+maximum, many LoRA changes under a compiled transformer, and cancelling a run.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flux_mcp.backends.local import LocalBackend
+from flux_mcp.backends.tiny import make_lora_state_dict, save_lora
+from flux_mcp.schema import MAX_SEED
+
+from .test_local_backend import Recorder, edit, max_diff, png_input, request
+
+pytestmark = [pytest.mark.local, pytest.mark.usefixtures("one_torch_thread")]
+
+
+@pytest.fixture
+def backend(make_backend: Callable[..., LocalBackend]) -> LocalBackend:
+    return make_backend()
+
+
+@pytest.fixture(scope="module")
+def tiny_transformer(tiny_model: Path) -> Any:
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel.from_pretrained(tiny_model / "transformer")
+
+
+# -- 7. LoRA modules diffusers drops --------------------------------------------------------------
+
+
+def _pair(module: str, down: str, up: str, rank: int = 4) -> dict[str, torch.Tensor]:
+    return {f"{module}.{down}.weight": torch.ones(rank, 32), f"{module}.{up}.weight": torch.ones(32, rank)}
+
+
+@pytest.mark.parametrize(
+    ("fmt", "extra"),
+    [
+        (
+            "diffusers",
+            _pair("text_encoder.model.layers.0.mlp.up_proj", "lora_A", "lora_B")
+            | _pair("transformer.transformer_blocks.99.attn.to_q", "lora_A", "lora_B"),
+        ),
+        (
+            "kohya",
+            _pair("lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_down", "lora_up")
+            | _pair("lora_unet_double_blocks_99_img_attn_proj", "lora_down", "lora_up"),
+        ),
+    ],
+)
+@pytest.mark.anyio
+async def test_dropped_lora_modules_are_counted_and_named(
+    fmt: str, extra: dict[str, torch.Tensor], backend: LocalBackend, tiny_transformer: Any, tmp_path: Path
+) -> None:
+    full = make_lora_state_dict(tiny_transformer, fmt)  # type: ignore[arg-type]
+    whole = save_lora(tmp_path / "whole.safetensors", full)
+    partial = save_lora(tmp_path / "partial.safetensors", full | extra)
+
+    complete = await edit(backend, request(loras=[{"path": str(whole)}]))
+    (used,) = complete.details["loras"]
+    assert used["modules_dropped"] == [] and used["modules_applied"] == used["modules"] > 0
+    assert not any("dropped" in note for note in complete.notes)
+
+    result = await edit(backend, request(loras=[{"path": str(partial)}]))
+    (used,) = result.details["loras"]
+    dropped = sorted({key.rsplit(".", 2)[0] for key in extra})
+    assert sorted(used["modules_dropped"]) == dropped
+    assert used["modules"] == used["modules_applied"] + 2
+    (note,) = [note for note in result.notes if "dropped" in note]
+    assert f"{used['modules_applied']} of its {used['modules']} modules were applied" in note
+    assert all(name in note for name in dropped)
+    # What was applied is exactly the complete file's update.
+    assert max_diff(complete.images[0].data, result.images[0].data) <= 1
+
+
+# -- 3. prompt embeddings without an autograd graph -----------------------------------------------
+
+
+def _tensors_with_grad_fn() -> list[str]:
+    return [
+        f"{tuple(obj.shape)} {type(obj.grad_fn).__name__}"
+        for obj in gc.get_objects()
+        if issubclass(type(obj), torch.Tensor) and obj.grad_fn is not None
+    ]
+
+
+@pytest.mark.anyio
+async def test_no_tensor_keeps_an_autograd_graph_during_a_run(backend: LocalBackend) -> None:
+    seen: dict[str, list[str]] = {}
+
+    def look(message: str) -> None:
+        if message.startswith("step "):  # the run is between two steps, its embeddings alive
+            seen[message] = _tensors_with_grad_fn()
+
+    await backend.edit(request(negative_prompt="blurry", guidance_scale=4.0), [png_input()], Recorder(look))
+    assert len(seen) == 4 and all(found == [] for found in seen.values()), seen
+    assert _tensors_with_grad_fn() == []
+
+
+# -- 4. seeds past the maximum wrap around -------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_image_seeds_wrap_to_valid_reproducing_seeds(backend: LocalBackend) -> None:
+    batch = await edit(backend, request(seed=MAX_SEED - 1, num_images=3))
+    assert [image.seed for image in batch.images] == [MAX_SEED - 1, MAX_SEED, 0]
+    for image in batch.images:
+        single = await edit(backend, request(seed=image.seed))  # accepted: a valid input seed
+        assert max_diff(image.data, single.images[0].data) <= 1
