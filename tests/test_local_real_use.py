@@ -117,3 +117,43 @@ async def test_image_seeds_wrap_to_valid_reproducing_seeds(backend: LocalBackend
     for image in batch.images:
         single = await edit(backend, request(seed=image.seed))  # accepted: a valid input seed
         assert max_diff(image.data, single.images[0].data) <= 1
+
+
+# -- 2. acceleration "regular" through many LoRA changes ------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_regular_acceleration_survives_many_lora_configurations(
+    make_backend: Callable[..., LocalBackend], tiny_transformer: Any, tmp_path: Path
+) -> None:
+    """dynamo's eager compile backend keeps its guards and recompile limit (8). Each new adapter set
+    recompiles both block types (scale and batch-size changes do not, on torch 2.13), so 12 LoRA
+    configurations used to end in FailOnRecompileLimitHit ("internal error") at the 9th request."""
+    backend = make_backend(compile_backend="eager")
+    files = [
+        str(
+            save_lora(
+                tmp_path / f"{seed}.safetensors", make_lora_state_dict(tiny_transformer, "peft", seed=seed)
+            )
+        )
+        for seed in range(4)
+    ]
+    adapter_sets = [[], [0], [1], [2], [3], [0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3], [0, 1, 2]]
+    configurations = [
+        [{"path": files[f], "scale": 1.0 - 0.25 * (i % 3)} for i, f in enumerate(chosen)]
+        for chosen in adapter_sets
+    ]
+    results = []
+    for index in range(20):
+        loras = configurations[index % 12]
+        fields = {"loras": loras, "num_images": 1 + index % 2, "num_inference_steps": 4}
+        results.append(await edit(backend, request(acceleration="regular", **fields)))
+        assert len(results[-1].images) == fields["num_images"]
+    assert not any("CUDA only" in note for note in results[0].notes)  # it did compile
+    eager_later = [i for i, r in enumerate(results) if any("ran this LoRA" in note for note in r.notes)]
+    assert eager_later and min(eager_later) >= 3
+    # Compiled or not, a configuration gives the image an eager run gives.
+    for index in (0, 2, 19):
+        loras = configurations[index % 12]
+        plain = await edit(backend, request(acceleration="none", loras=loras, num_inference_steps=4))
+        assert max_diff(results[index].images[0].data, plain.images[0].data) <= 1
