@@ -183,11 +183,22 @@ class JobManager:
             await _safe(progress, info.progress, info.total, info.message or info.state)
 
     async def cancel(self, job: Job) -> None:
-        """Stop a running job (hosted jobs are cancelled on fal too) and wait until it has stopped."""
+        """Stop a running job: it is "cancelling" at once and "cancelled" once its run has stopped.
+
+        A hosted job is waited for (cancelling it on fal is one request). A local one is not: it stops
+        at its next step boundary (after a model load that is under way), and its caller should not wait.
+        """
         if job.state in FINAL_STATES:
             return
         if job.scope is not None:
             job.scope.cancel()
+        info = job.record.info
+        info.state, info.updated = "cancelling", _now()
+        info.message = "cancelling: the run stops at its next step and nothing will be saved"
+        if job.record.backend == "local":
+            with anyio.CancelScope(shield=True):
+                await self._save(job)
+            return
         with anyio.move_on_after(15, shield=True):
             await job.finished.wait()
 

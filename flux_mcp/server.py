@@ -242,6 +242,8 @@ def render_pending(job: Job, pending: BaseModel) -> CallToolResult:
         f"Call get_result with job_id={job.id!r} (and wait_s up to a minute) to collect it, "
         "or cancel_job to stop it."
     )
+    if info.state == "cancelling":
+        text = f"Job {job.id} is being cancelled (progress {done}): it stops at its next step; nothing will be saved."
     return CallToolResult(
         content=[TextContent(type="text", text=text)], structured_content=pending.model_dump(mode="json")
     )

@@ -87,7 +87,7 @@ class JobInfo(BaseModel):
     """A call that outlived its time budget keeps running on the server as a job."""
 
     id: str = Field(description="Pass to get_result (to collect) or cancel_job (to stop).")
-    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    state: Literal["queued", "running", "cancelling", "done", "failed", "cancelled"]
     progress: float = 0.0
     total: float | None = None
     message: str = ""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
@@ -157,3 +158,43 @@ async def test_regular_acceleration_survives_many_lora_configurations(
         loras = configurations[index % 12]
         plain = await edit(backend, request(acceleration="none", loras=loras, num_inference_steps=4))
         assert max_diff(results[index].images[0].data, plain.images[0].data) <= 1
+
+
+# -- 8. cancelling a local job --------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_cancel_job_answers_at_once_and_the_run_stops_at_the_next_step(
+    make_backend: Callable[..., LocalBackend], tmp_path: Path
+) -> None:
+    from flux_mcp.jobs import JobManager
+    from flux_mcp.server import _job_result
+    from flux_mcp.service import FluxService
+
+    from .conftest import data_uri, make_png, text_of
+
+    backend = make_backend()
+    service = FluxService(backend.settings, backend=backend)
+    await service.start()
+    arguments = {"prompt": "p", "image_urls": [data_uri(make_png(64, 64))], "num_inference_steps": 30}
+    answers: dict[str, str] = {}
+    steps: list[str] = []
+    async with JobManager(service).running() as jobs:
+        job = await jobs.submit(await service.prepare("edit_image", {**arguments, "acceleration": "none"}))
+
+        async def listener(value: float, total: float | None, message: str) -> None:
+            if not message.startswith("step "):
+                return
+            steps.append(message)
+            if message == "step 2/30":
+                # The worker thread waits for this listener, so a cancel that waited for the run would hang.
+                await jobs.cancel(job)
+                answers["state"] = job.state
+                answers["get_result"] = text_of(await _job_result(jobs, job))
+
+        with anyio.fail_after(120):
+            assert await jobs.wait(job, 120, listener)
+    assert answers["state"] == "cancelling"
+    assert "being cancelled" in answers["get_result"] and "nothing will be saved" in answers["get_result"]
+    assert job.state == "cancelled" and steps[-1] in ("step 2/30", "step 3/30")
+    assert list((tmp_path / "out").glob("*.png")) == []
