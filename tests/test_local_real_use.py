@@ -198,3 +198,34 @@ async def test_cancel_job_answers_at_once_and_the_run_stops_at_the_next_step(
     assert "being cancelled" in answers["get_result"] and "nothing will be saved" in answers["get_result"]
     assert job.state == "cancelled" and steps[-1] in ("step 2/30", "step 3/30")
     assert list((tmp_path / "out").glob("*.png")) == []
+
+
+# -- 6. a recalibrated CNS matrix is picked up, and checked against the model ---------------------
+
+
+@pytest.mark.anyio
+async def test_a_recalibrated_gamma_matrix_is_used_without_restart_and_checked(
+    backend: LocalBackend, tiny_model: Path
+) -> None:
+    from platformdirs import user_cache_dir
+
+    from flux_mcp.backends import cns
+    from flux_mcp.config import APP
+
+    path = cns.gamma_cache_path(user_cache_dir(APP), str(tiny_model))
+    matrix, sigmas = torch.linspace(0, 1, 8).unsqueeze(1).repeat(1, 16), torch.linspace(1, 0.1, 8)
+    meta = {"model": str(tiny_model), "latent_channels": 16}
+
+    before = await edit(backend, request(enable_cns=True))
+    assert before.details["cns"]["gamma"] == "matrix (analytic stand-in)"
+    cns.save_gamma_matrix(path, matrix, meta, sigmas)  # `flux-mcp calibrate-cns` while the server runs
+    calibrated = await edit(backend, request(enable_cns=True))
+    assert calibrated.details["cns"]["gamma"] == f"matrix (calibrated: {path.name})"
+    assert max_diff(before.images[0].data, calibrated.images[0].data) > 0
+
+    for wrong in ({"model": "someone/another-model"}, {"latent_channels": 128}):
+        cns.save_gamma_matrix(path, matrix, meta | wrong, sigmas)
+        refused = await edit(backend, request(enable_cns=True))
+        assert refused.details["cns"]["gamma"] == "matrix (analytic stand-in)"
+        problem = refused.details["cns"]["gamma_file_problem"]
+        assert "calibrated" in problem and str(next(iter(wrong.values()))) in problem

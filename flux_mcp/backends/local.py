@@ -45,8 +45,9 @@ Fields that are not plain pipeline arguments:
   ``nsfw`` stays None. With the flag off nothing is checked and ``nsfw`` is None.
 - ``sync_mode``: nothing is uploaded anywhere locally; a note says the flag has no effect.
 - ``enable_cns`` + ``cns_*``: ``cns.ColoredNoiseScheduler`` is swapped in and configured for the run
-  (the plain scheduler otherwise) with this model's calibrated gamma matrix from the user cache dir,
-  or the analytic stand-in; ``details["cns"]`` says which.
+  (the plain scheduler otherwise) with this model's calibrated gamma matrix from the user cache dir
+  (re-read when ``flux-mcp calibrate-cns`` replaced it; refused when its metadata names another
+  model), or the analytic stand-in; ``details["cns"]`` says which, and why a file was not used.
 
 torch is imported here; diffusers, transformers and ``cns`` only when the model loads. This
 module knows nothing about MCP, presets or the result store.
@@ -309,9 +310,8 @@ class _Engine:
         self.multiple = pipe.vae_scale_factor * 2
         self.plain_scheduler = pipe.scheduler
         self.cns_scheduler: Any = None
-        #: The calibrated CNS gamma matrix of this model and its label; read once, None = stand-in.
-        self.gamma: tuple[torch.Tensor, str] | None = None
-        self.gamma_read = False
+        #: The calibrated CNS gamma matrix of this model, re-read when its file changes (``cns.GammaCache``).
+        self.gamma_cache: Any = None
         self.adapters = AdapterCache()
         self.compiled = False
         #: The configurations (LoRA weights, batch, size, CFG) compiled so far under ``regular``.
@@ -467,22 +467,20 @@ class _Engine:
 
         if self.cns_scheduler is None:
             self.cns_scheduler = cns.ColoredNoiseScheduler.from_config(self.plain_scheduler.config)
-        if not self.gamma_read:
-            try:
-                self.gamma = cns.load_cached_gamma(Path(user_cache_dir(APP)), self.settings.model)
-            except ValueError:
-                self.gamma = None  # a broken cache file: the stand-in, as if never calibrated
-            self.gamma_read = True
-        matrix, label = self.gamma or (None, "analytic stand-in")
+        if self.gamma_cache is None:
+            channels = self.pipe.transformer.config.in_channels
+            self.gamma_cache = cns.GammaCache(Path(user_cache_dir(APP)), self.settings.model, channels)
+        gamma, problem = self.gamma_cache.current()
         self.cns_scheduler.configure_cns(
             cns.CNSParams.from_request(job.request),
             cns.noise_generators(job.seeds, "cpu"),
             cns.token_grid(self.pipe, job.height, job.width),
-            matrix,
-            label,
+            gamma.matrix if gamma else None,
+            gamma.label if gamma else "analytic stand-in",
+            gamma.sigmas if gamma else None,
         )
         self.pipe.scheduler = self.cns_scheduler
-        return {}
+        return {"gamma_file_problem": f"{problem}; the analytic stand-in was used"} if problem else {}
 
     @contextlib.contextmanager
     def _acceleration(self, job: _Job, config: tuple[Any, ...], notes: list[str]) -> Iterator[None]:
