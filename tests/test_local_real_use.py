@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flux_mcp.backends.local import LocalBackend
-from flux_mcp.backends.tiny import make_lora_state_dict, save_lora
+from flux_mcp.backends.tiny import changing_lora_sets, make_lora_state_dict, save_lora
 from flux_mcp.schema import MAX_SEED
 
 from .test_local_backend import Recorder, edit, max_diff, png_input, request
@@ -139,11 +139,7 @@ async def test_regular_acceleration_survives_many_lora_configurations(
         )
         for seed in range(4)
     ]
-    adapter_sets = [[], [0], [1], [2], [3], [0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3], [0, 1, 2]]
-    configurations = [
-        [{"path": files[f], "scale": 1.0 - 0.25 * (i % 3)} for i, f in enumerate(chosen)]
-        for chosen in adapter_sets
-    ]
+    configurations = changing_lora_sets(files, 12)
     results = []
     for index in range(20):
         loras = configurations[index % 12]
