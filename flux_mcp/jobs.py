@@ -257,7 +257,10 @@ class JobManager:
         try:
             with anyio.CancelScope() as scope:
                 job.scope = scope
-                info.state = "running"
+                if info.state == "cancelling":  # cancel_job came before the run began
+                    scope.cancel()
+                else:
+                    info.state = "running"
                 await self._save(job)
                 try:
                     if remote:
