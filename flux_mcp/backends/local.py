@@ -29,11 +29,9 @@ Fields that are not plain pipeline arguments:
   ``none`` = eager PyTorch;
   ``regular`` = ``transformer.compile_repeated_blocks(fullgraph=True)`` once, on the first such run
   (exact), with FLUX_MCP_COMPILE_BACKEND (auto = inductor on CUDA; on the CPU, and with sequential
-  offload, it runs eager and a note says so). Every new LoRA set, scale, batch size or image size
-  makes dynamo recompile, and past its recompile limit (8) a fullgraph compile raises. [ours] So the
-  first ``_COMPILED_CONFIGS`` configurations compile; later new ones run eager (stance
-  ``eager_on_recompile``: compiled code is still used wherever its guards pass) and a note says so;
-  a compiler error anyway fails that run only (``JobFailed``) and resets the compiled code;
+  offload, it runs eager and a note says so). Past dynamo's recompile limit new LoRA sets would
+  fail, so only the first few configurations compile and later ones run eager (``compiling``); a
+  compiler error fails that run only (``JobFailed``) and resets the compiled code;
   ``high`` = diffusers' TaylorSeer cache (attention outputs computed every few steps and extrapolated
   in between: approximate, for drafts) on eager blocks. Not FirstBlockCache: in 0.42.1 it fails on
   FLUX.2 (its tail hook subtracts the double block's tuple output from the single block's tensor).
@@ -71,7 +69,6 @@ import anyio.to_thread
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from platformdirs import user_cache_dir
-from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
 
 from .. import netguard
 from ..config import APP, Settings
@@ -80,6 +77,7 @@ from ..images import check_image_bytes
 from ..schema import MAX_SEED, EditRequest, image_seeds, output_size
 from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
 from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
+from .compiling import COMPILER_ERRORS, CompiledBlocks, compile_backend
 from .loras import AdapterCache, LoraFile, LoraFiles
 from .safety import SafetyClassifier, blacked_out
 
@@ -100,9 +98,6 @@ _MAX_ASPECT = 8.0
 _INPUT_AREA = 1024 * 1024
 #: Above this output area the VAE decodes in tiles (its memory grows with the area).
 _TILING_AREA = 1.5e6
-#: [ours] How many LoRA/batch/size configurations ``regular`` compiles before new ones run eager:
-#: each adds a few entries to dynamo's per-block cache, which holds 8 (its recompile limit).
-_COMPILED_CONFIGS = 3
 #: TaylorSeer for ``high``: full steps first, then one full step every _TAYLOR_INTERVAL.
 _TAYLOR_INTERVAL = 4
 _HEARTBEAT_S = 10.0
@@ -216,7 +211,7 @@ class LocalBackend:
         if not 1 <= len(inputs) <= 4:
             raise InvalidRequest("image_urls: give 1 to 4 input images.", field="image_urls")
         cuda = _device_name(self.settings).startswith("cuda")
-        compiles = _compile_backend(self.settings, cuda) is not None
+        compiles = compile_backend(self.settings, cuda) is not None
         regular = request.acceleration == "regular"
         candidates = [
             (request.negative_prompt and request.guidance_scale <= 1,
@@ -313,9 +308,10 @@ class _Engine:
         #: The calibrated CNS gamma matrix of this model, re-read when its file changes (``cns.GammaCache``).
         self.gamma_cache: Any = None
         self.adapters = AdapterCache()
-        self.compiled = False
-        #: The configurations (LoRA weights, batch, size, CFG) compiled so far under ``regular``.
-        self.compiled_configs: set[tuple[Any, ...]] = set()
+        sequential = settings.offload == "sequential"
+        self.compiler = CompiledBlocks(
+            None if sequential else compile_backend(settings, device.type == "cuda")
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> _Engine:
@@ -396,8 +392,8 @@ class _Engine:
             pipe.maybe_free_model_hooks()  # offload hooks and cache state as after a finished call
             # Seen only if the flag was set yet no cancellation reached the awaiting task (else that wins).
             raise JobFailed("the local run was interrupted") from None
-        except (FailOnRecompileLimitHit, TorchDynamoException) as exc:
-            self._reset_compiled()
+        except COMPILER_ERRORS as exc:
+            self.compiler.reset()
             raise JobFailed(
                 f"torch.compile failed in acceleration {request.acceleration!r} ({type(exc).__name__}); the "
                 "compiled code was reset, so the next run compiles afresh. Use acceleration 'none' if it recurs."
@@ -487,14 +483,11 @@ class _Engine:
         """The run's acceleration; ``config`` = what dynamo's guards see change between runs."""
         level = job.request.acceleration
         transformer = self.pipe.transformer
-        backend = _compile_backend(self.settings, self.device.type == "cuda")
-        if level == "regular" and backend and self.settings.offload != "sequential" and not self.compiled:
-            job.notify(0, "compiling the transformer blocks (first accelerated run only)")
-            transformer.compile_repeated_blocks(fullgraph=True, backend=backend)
-            self.compiled = True
         with contextlib.ExitStack() as stack:
-            if self.compiled:
-                stack.enter_context(torch.compiler.set_stance(self._stance(level, config, notes)))
+            message = "compiling the transformer blocks (first accelerated run only)"
+            stack.enter_context(
+                self.compiler.running(transformer, level, config, notes, lambda: job.notify(0, message))
+            )
             if level == "high":
                 from diffusers.hooks import TaylorSeerCacheConfig
 
@@ -507,25 +500,6 @@ class _Engine:
                 )
                 stack.callback(transformer.disable_cache)
             yield
-
-    def _stance(self, level: str, config: tuple[Any, ...], notes: list[str]) -> str:
-        """How compiled blocks run: compile a new configuration while there is room, else never recompile."""
-        if level != "regular":
-            return "force_eager"
-        if config in self.compiled_configs:
-            return "eager_on_recompile"  # its compiled code serves it; never compile again for it
-        if len(self.compiled_configs) < _COMPILED_CONFIGS:
-            self.compiled_configs.add(config)
-            return "default"
-        notes.append(
-            f"acceleration 'regular' ran this LoRA/size/batch configuration eager: the first {_COMPILED_CONFIGS} "
-            "configurations are compiled, later ones are not (torch.compile's recompile limit)."
-        )
-        return "eager_on_recompile"
-
-    def _reset_compiled(self) -> None:
-        torch.compiler.reset()
-        self.compiled_configs.clear()
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -558,13 +532,6 @@ def _step_callback(job: _Job) -> Callable[..., dict[str, Any]]:
 def load_pipeline(settings: Settings) -> Any:
     """The configured pipeline, loaded exactly as the backend loads it (for ``flux-mcp calibrate-cns``)."""
     return _Engine.load(settings).pipe
-
-
-def _compile_backend(settings: Settings, cuda: bool) -> str | None:
-    """The torch.compile backend of acceleration 'regular'; None = run eager."""
-    if settings.compile_backend == "auto":
-        return "inductor" if cuda else None
-    return settings.compile_backend
 
 
 def _device_name(settings: Settings) -> str:
