@@ -159,6 +159,14 @@ SETTINGS: tuple[Setting, ...] = (
         "Local backend: torch device to run on (cuda, cuda:1, cpu).",
     ),
     Setting(
+        "FLUX_MCP_COMPILE_BACKEND",
+        "compile_backend",
+        _choice("auto", "inductor", "eager", "aot_eager"),
+        "auto",
+        "Local backend: torch.compile backend of acceleration 'regular' (auto = inductor on CUDA, no "
+        "compiling elsewhere; eager/aot_eager trace with dynamo on any device but run plain kernels: for checks).",
+    ),
+    Setting(
         "FLUX_MCP_SAFETY_MODEL",
         "safety_model",
         _str,
@@ -316,6 +324,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     offload: str = "none"
     device: str = ""
+    compile_backend: str = "auto"
     safety_model: str = ""
     safety_labels: tuple[str, ...] = DEFAULT_SAFETY_LABELS
     safety_threshold: float = 0.5

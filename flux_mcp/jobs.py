@@ -168,11 +168,23 @@ class JobManager:
             await _safe(progress, info.progress, info.total, info.message or info.state)
 
     async def cancel(self, job: Job) -> None:
-        """Stop a running job (hosted jobs are cancelled on fal too) and wait until it has stopped."""
+        """Stop a running job: it is "cancelling" at once and "cancelled" once its run has stopped.
+
+        A job whose backend ``cancels_promptly`` (a hosted job: one cancel request) is waited for. Others
+        are not: a local run stops at its next step boundary (after a model load that is under way), and
+        its caller should not wait for that.
+        """
         if job.state in FINAL_STATES:
             return
         if job.scope is not None:
             job.scope.cancel()
+        info = job.record.info
+        info.state, info.updated = "cancelling", _now()
+        info.message = "cancelling: the run stops at its next step and nothing will be saved"
+        if job.call is not None and not job.call.backend.cancels_promptly:
+            with anyio.CancelScope(shield=True):
+                await self._save(job)
+            return
         with anyio.move_on_after(15, shield=True):
             await job.finished.wait()
 
@@ -233,7 +245,10 @@ class JobManager:
         try:
             with anyio.CancelScope() as scope:
                 job.scope = scope
-                info.state = "running"
+                if info.state == "cancelling":  # cancel_job came before the run began
+                    scope.cancel()
+                else:
+                    info.state = "running"
                 await self._save(job)
                 try:
                     outcome = await self.service.run(job.call, ctx, remote)

@@ -97,7 +97,9 @@ class EditOutput(_CallOutput):
     """Structured result of edit_image."""
 
     images: list[ImageOut] = Field(default_factory=list)
-    seed: int | None = Field(None, description="Seed of the first image; image i used seed + i.")
+    seed: int | None = Field(
+        None, description="Seed of the first image; image i used seed + i (modulo 2^32)."
+    )
 
 
 class SeedRun(BaseModel):
@@ -243,6 +245,8 @@ def compare_summary(out: CompareOutput) -> str:
 
 def pending_summary(info: JobInfo) -> str:
     done = f"{info.progress:g}/{info.total:g}" if info.total else f"{info.progress:g}"
+    if info.state == "cancelling":
+        return f"Job {info.id} is being cancelled (progress {done}): it stops at its next step; nothing will be saved."
     return (
         f"Still running after the server's time budget: job {info.id} ({info.state}, progress {done}: "
         f"{info.message or 'working'}). The work continues on the server and every image will be saved. "

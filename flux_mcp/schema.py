@@ -30,8 +30,10 @@ __all__ = [
     "ImageSizePreset",
     "LoraWeight",
     "VaryAxis",
+    "image_seeds",
     "output_size",
     "tool_input_schema",
+    "wrap_seed",
 ]
 
 ENDPOINT_ID = "fal-ai/flux-2/klein/9b/base/edit/lora"
@@ -137,7 +139,8 @@ class EditRequest(BaseModel):
         le=MAX_SEED,
         description=(
             "Random seed. The same seed with the same inputs gives a nearly identical image; fix it "
-            "when comparing LoRA scales or parameters. Omit for a random seed (reported in the result)."
+            "when comparing LoRA scales or parameters. Omit for a random seed (reported in the result). "
+            "With num_images, image i uses seed + i modulo 2^32."
         ),
     )
     num_inference_steps: int = Field(
@@ -155,7 +158,13 @@ class EditRequest(BaseModel):
         ),
     )
     num_images: int = Field(
-        1, ge=1, le=4, description="How many images to generate in this call (1-4); image i uses seed + i."
+        1,
+        ge=1,
+        le=4,
+        description=(
+            "How many images to generate in this call (1-4); image i uses seed + i, wrapped modulo 2^32 "
+            "(after 4294967295 comes 0), so every reported seed can be passed back."
+        ),
     )
     acceleration: Literal["none", "regular", "high"] = Field(
         "regular",
@@ -272,6 +281,16 @@ class EditRequest(BaseModel):
     def payload(self) -> dict[str, Any]:
         """The JSON body for the endpoint: every field, with None (no seed, no size) left out."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def wrap_seed(seed: int) -> int:
+    """A derived seed brought back into 0..MAX_SEED (modulo 2^32), so it is a valid input again."""
+    return seed % (MAX_SEED + 1)
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seeds of a call's ``count`` images: image i uses (seed + i) mod 2^32."""
+    return [wrap_seed(seed + index) for index in range(count)]
 
 
 def output_size(request: EditRequest, first_input: tuple[int, int] | None) -> tuple[int, int] | None:

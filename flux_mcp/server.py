@@ -204,7 +204,8 @@ async def get_result(
 async def cancel_job(
     job_id: Annotated[str, Field(description="The job id to stop.")], ctx: Context
 ) -> CallToolResult:
-    """Stop a running job (a hosted job is cancelled on fal as well). Finished jobs are left as they are."""
+    """Stop a running job (a hosted job is cancelled on fal as well). A local job answers 'cancelling' at
+    once and stops at its next denoising step; nothing is saved for it. Finished jobs are left as they are."""
     state = _state(ctx)
     try:
         job = await state.jobs.get(job_id)

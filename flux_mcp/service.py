@@ -62,7 +62,15 @@ from .results import (
     PresetsOutput,
     SeedRun,
 )
-from .schema import IMAGE_SIZE_PRESETS, MAX_SEED, CompareSeedsArgs, EditImageArgs, EditRequest, VaryAxis
+from .schema import (
+    IMAGE_SIZE_PRESETS,
+    MAX_SEED,
+    CompareSeedsArgs,
+    EditImageArgs,
+    EditRequest,
+    VaryAxis,
+    wrap_seed,
+)
 from .store import ResultStore, StoredFile
 
 __all__ = ["CallSpec", "FluxService", "Kind", "Outcome", "PreparedCall", "ProgressFn", "public_params"]
@@ -416,7 +424,7 @@ class FluxService:
                     "created": created,
                     "backend": backend.name,
                     "endpoint": backend.endpoint,
-                    "seed": image.seed,
+                    "seed": wrap_seed(image.seed),  # a backend's seed + i may pass MAX_SEED
                     "index": index,
                     "width": image.width,
                     "height": image.height,

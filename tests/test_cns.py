@@ -23,6 +23,7 @@ from flux_mcp.backends.cns import (
     band_weights,
     calibrate_gamma,
     colour_noise,
+    gamma_at_sigmas,
     gamma_cache_path,
     load_cached_gamma,
     load_gamma_matrix,
@@ -32,8 +33,9 @@ from flux_mcp.backends.cns import (
     save_gamma_matrix,
     tilt_alpha,
     token_grid,
+    variance_preserving_split,
 )
-from flux_mcp.backends.tiny import build_tiny_pipeline, make_example_image
+from flux_mcp.backends.tiny import _SCHEDULER_CONFIG, build_tiny_pipeline, make_example_image
 from flux_mcp.schema import EditRequest
 
 pytestmark = pytest.mark.local
@@ -138,11 +140,43 @@ def test_all_zero_weights_give_zero_noise_without_nan() -> None:
     assert torch.isfinite(noise).all() and torch.equal(noise, torch.zeros_like(noise))
 
 
-def test_flat_tilt_never_makes_weights_negative() -> None:
+def test_linear_tilt_never_makes_weights_negative() -> None:
     weights = band_weights(torch.zeros(8), alpha=-1.5, power=1.0, divider=25.0, use_fnorm=False)
-    assert torch.equal(weights, torch.zeros(8))
+    assert (weights >= 0).all() and weights[0] == 1.0 and torch.equal(weights[-3:], torch.zeros(3))
     weights = band_weights(torch.full((8,), 0.3), alpha=0.5, power=1.0, divider=1.0, use_fnorm=False)
-    assert torch.allclose(weights, torch.full((8,), 0.7 * 1.5))
+    assert torch.allclose(weights, 1.0 + 0.5 * torch.linspace(0.0, 1.0, 8))  # residual normalised to 1
+
+
+@pytest.mark.parametrize("use_fnorm", [True, False])
+def test_the_tilt_knob_moves_energy_between_bands_with_and_without_fnorm(use_fnorm: bool) -> None:
+    """alpha > 0 boosts high frequencies and alpha < 0 low ones, as the endpoint describes it, also
+    with cns_alpha_use_fnorm = false (whose paper form, a flat 1 + alpha, did nothing)."""
+    num_bins, noise_in = 16, white(n=8)
+    bins = radial_bins(32, 32, num_bins)
+
+    def high_share(alpha: float) -> float:
+        weights = band_weights(approximation_gamma(5, 28, num_bins), alpha, 0.75, 1.73, use_fnorm)
+        power = band_power(colour_noise(noise_in, weights, bins, 1.0), num_bins)
+        return float(power[num_bins // 2 :].sum() / power.sum())
+
+    low, flat, high = high_share(-0.8), high_share(0.0), high_share(0.8)
+    assert low < 0.9 * flat and high > 1.1 * flat, (low, flat, high)
+
+
+def test_power_is_exactly_without_effect_under_the_approximation() -> None:
+    rows = [approximation_gamma(step, 28, 32) for step in (0, 10, 27)]
+    for row in rows:
+        weights = [band_weights(row, -0.3, power, 1.73, True) for power in (0.1, 0.75, 3.0)]
+        assert all(torch.equal(weights[0], other) for other in weights[1:])
+
+
+def test_a_tiny_residual_still_gives_full_noise() -> None:
+    """A divider just above gamma leaves residuals ~1e-7: raised to the power 3 before normalising,
+    they underflowed float32 to 0 and that step's noise flipped from full to none."""
+    gamma_row = torch.full((16,), 0.5)
+    weights = band_weights(gamma_row, 0.0, 3.0, 0.5 + 1e-7, True)
+    noise = colour_noise(white(), weights, radial_bins(32, 32, 16), 0.98)
+    assert torch.allclose(noise.flatten(1).std(dim=1), torch.full((4,), 0.98), atol=1e-4)
 
 
 @pytest.mark.parametrize("alpha", [2.0, -2.0])
@@ -212,12 +246,26 @@ def test_resample_gamma_maps_rows_by_progress_and_interpolates_bands() -> None:
     assert torch.allclose(resampled[2], 0.5 * torch.linspace(0.0, 1.0, 7))
 
 
+def test_gamma_rows_are_mapped_by_sigma_so_one_calibration_serves_any_schedule() -> None:
+    """A matrix measured on an 8-step 256-token schedule, used on klein's 28-step 1024px one: each
+    step must get the row of its own noise level (here gamma = 1 - σ, so exactly 1 - σ_i)."""
+    calibration = klein_schedule(8, image_seq_len=256).sigmas[:-1]
+    matrix = (1.0 - calibration).unsqueeze(1).repeat(1, 16)
+    run = klein_schedule(28).sigmas[:-1]
+    mapped = gamma_at_sigmas(matrix, calibration, run, 32)
+    assert mapped.shape == (28, 32)
+    expected = (1.0 - run.clamp(min=float(calibration.min()))).unsqueeze(1).expand(28, 32)
+    torch.testing.assert_close(mapped, expected, atol=1e-6, rtol=0)
+    # Rows by step fraction (the paper's mapping) miss by far on this pair of schedules.
+    assert (resample_gamma(matrix, 28, 32) - expected).abs().max() > 0.1
+
+
 def test_gamma_matrix_file_round_trip_and_validation(tmp_path: Path) -> None:
     matrix = torch.rand(10, 16, generator=torch.Generator().manual_seed(0))
     path = tmp_path / "sub" / "gamma.safetensors"
     save_gamma_matrix(path, matrix, {"model_id": "owner/model", "steps": 10, "guidance_scale": 4.0})
-    loaded, meta = load_gamma_matrix(path)
-    assert torch.equal(loaded, matrix)
+    loaded, meta, sigmas = load_gamma_matrix(path)
+    assert torch.equal(loaded, matrix) and sigmas is None
     assert meta == {"model_id": "owner/model", "steps": "10", "guidance_scale": "4.0"}
 
     save_gamma_matrix(path, matrix * 2, {})
@@ -270,21 +318,62 @@ def test_noise_generators_do_not_replay_the_initial_latent() -> None:
 
 
 def test_stochastic_step_follows_the_cns_update() -> None:
-    # x0 = 0, so x = σε and the exact velocity is v = ε (ε̂ = ε). One step must give
-    # (σ_next - η·h)·ε plus independent noise of std sqrt(2·η·σ·h)·energy_scale.
+    # x0 = 0, so x = σε and the exact velocity is v = ε (ε̂ = ε, x̂0 = 0). One step must give
+    # c·ε plus independent noise of std s·energy_scale, with (s, c) from variance_preserving_split.
     eta, energy, index = 0.5, 0.98, 3
     scheduler = armed_scheduler(10, cns_s_churn=eta, cns_energy_scale=energy)
     scheduler.set_begin_index(index)
     eps = torch.randn(1, 32 * 32, 16, generator=torch.Generator().manual_seed(3))
     sigma, sigma_next = float(scheduler.sigmas[index]), float(scheduler.sigmas[index + 1])
-    h = sigma - sigma_next
+    injected, kept = variance_preserving_split(sigma, sigma_next, eta)
     out = scheduler.step(eps, scheduler.timesteps[index], sigma * eps, return_dict=False)[0]
     along_eps = float((out * eps).sum() / (eps * eps).sum())
-    assert along_eps == pytest.approx(sigma_next - eta * h, abs=0.02)
+    assert along_eps == pytest.approx(kept, abs=0.02)
     residual = out - along_eps * eps
-    assert float(residual.std()) == pytest.approx(math.sqrt(2 * eta * sigma * h) * energy, rel=0.02)
-    # The ε variance stays on schedule to first order: (σ_next - ηh)² + 2ησh ≈ σ_next².
-    assert float(out.std()) == pytest.approx(sigma_next, rel=0.05)
+    assert float(residual.std()) == pytest.approx(injected * energy, rel=0.02)
+    # A small step injects what the reference's first-order step does: 2·η·σ·h.
+    h = sigma - sigma_next
+    assert injected**2 == pytest.approx(2 * eta * sigma * h, rel=0.15)
+    assert kept**2 + injected**2 == pytest.approx(sigma_next**2, rel=1e-12)
+
+
+def klein_schedule(steps: int = 28, image_seq_len: int = 4096) -> ColoredNoiseScheduler:
+    """The scheduler with the sigmas the klein pipeline sets for a 1024x1024 image."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    scheduler = ColoredNoiseScheduler.from_config(FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG).config)
+    sigmas = [1.0 - i * (1.0 - 1.0 / steps) / (steps - 1) for i in range(steps)]
+    scheduler.set_timesteps(sigmas=sigmas, mu=compute_empirical_mu(image_seq_len, steps))
+    return scheduler
+
+
+@pytest.mark.parametrize("s_churn", [0.5, 1.0, 2.0])
+def test_noise_stays_on_schedule_over_a_whole_klein_run(s_churn: float) -> None:
+    """An exact model (it knows x0) through klein's 28 steps: after every step the noise in the
+    sample must have the schedule's variance σ². The first-order step ended 1.26x/1.51x/2.10x
+    noisier before the last step, and removed more noise than the sample held at s_churn 2."""
+    scheduler = klein_schedule()
+    assert [round(float(s), 2) for s in scheduler.sigmas[-3:]] == [0.4, 0.24, 0.0]
+    grid, channels = (32, 32), 16
+    scheduler.configure_cns(
+        params(cns_s_churn=s_churn, cns_energy_scale=1.0, cns_gamma_source="approximation"),
+        noise_generators([0, 1], "cpu"),
+        grid,
+    )
+    x0 = torch.randn(2, grid[0] * grid[1], channels, generator=torch.Generator().manual_seed(1))
+    sample = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))  # σ = 1: pure noise
+    ratios = []
+    for index, t in enumerate(scheduler.timesteps):
+        sigma = float(scheduler.sigmas[index])
+        velocity = (sample - (1 - sigma) * x0) / sigma - x0  # v = ε - x0 for x = (1-σ)x0 + σε
+        sample = scheduler.step(velocity, t, sample, return_dict=False)[0]
+        sigma_next = float(scheduler.sigmas[index + 1])
+        if sigma_next > 0:
+            noise = (sample - (1 - sigma_next) * x0) / sigma_next
+            ratios.append(float(noise.std()))
+    assert scheduler.cns_info()["noised_steps"] == 27
+    assert all(ratio == pytest.approx(1.0, abs=0.02) for ratio in ratios), ratios
+    torch.testing.assert_close(sample, x0, atol=1e-4, rtol=0)  # the last (plain) step lands on x0
 
 
 def test_last_step_is_plain_euler_and_dtype_is_kept() -> None:
@@ -413,20 +502,23 @@ def test_seeds_reproduce_and_batch_rows_equal_single_runs(pipe, picture, stock_a
 def test_calibrated_matrix_is_normalised_and_used(pipe, picture, stock_and_cns, tmp_path: Path) -> None:
     stock, cns = stock_and_cns
     pipe.scheduler = stock
-    matrix = calibrate_gamma(pipe, picture, "a red house", 8, 4.0, 16, seeds=[0, 1], height=SIZE, width=SIZE)
+    matrix, sigmas = calibrate_gamma(
+        pipe, picture, "a red house", 8, 4.0, 16, seeds=[0, 1], height=SIZE, width=SIZE
+    )
     assert pipe.scheduler is stock  # the recording scheduler was only borrowed
     assert matrix.shape == (8, 16) and torch.isfinite(matrix).all()
     assert torch.allclose(matrix.min(dim=0).values, torch.zeros(16), atol=1e-6)
     assert torch.allclose(matrix.max(dim=0).values, torch.ones(16), atol=1e-6)
     assert torch.allclose(matrix[-1], torch.ones(16), atol=1e-6)  # the last x̂0 is the final sample
+    assert sigmas.shape == (8,) and sigmas[0] == 1.0 and (sigmas[1:] < sigmas[:-1]).all()
 
     meta = {"model_id": "tiny/klein", "steps": 8, "guidance_scale": 4.0}
-    save_gamma_matrix(gamma_cache_path(tmp_path, "tiny/klein"), matrix, meta)
+    save_gamma_matrix(gamma_cache_path(tmp_path, "tiny/klein"), matrix, meta, sigmas)
     cached = load_cached_gamma(tmp_path, "tiny/klein")
-    assert cached is not None and torch.equal(cached[0], matrix)
+    assert cached is not None and torch.equal(cached.matrix, matrix) and torch.equal(cached.sigmas, sigmas)
 
     pipe.scheduler = cns
     analytic = generate(pipe, picture, [3], params(cns_gamma_divider=1.0), steps=8)
-    calibrated = generate(pipe, picture, [3], params(cns_gamma_divider=1.0), 8, cached[0], cached[1])
+    calibrated = generate(pipe, picture, [3], params(cns_gamma_divider=1.0), 8, cached.matrix, cached.label)
     assert cns.cns_info()["gamma"].startswith("matrix (calibrated: cns-gamma-tiny_klein")
     assert not torch.allclose(calibrated, analytic, atol=1e-3)  # a different gamma, different noise

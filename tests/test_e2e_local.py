@@ -241,8 +241,9 @@ def test_calibrate_cns_writes_a_matrix_that_matrix_mode_then_uses(tmp_path: Path
     )
     from flux_mcp.backends.cns import load_gamma_matrix
 
-    matrix, meta = load_gamma_matrix(path)
+    matrix, meta, sigmas = load_gamma_matrix(path)
     assert tuple(matrix.shape) == (6, 8) and meta["model"] == str(tiny_model)
+    assert sigmas is not None and sigmas.shape == (6,) and meta["latent_channels"] == "16"
     assert float(matrix[0].max()) <= 0.05 and float(matrix[-1].min()) >= 0.95, "each band rises from 0 to 1"
 
     async def use_it() -> dict[str, Any]:

@@ -27,6 +27,7 @@ class SilentBackend:
     name = "silent"
     endpoint = "test/silent"
     resumable = False
+    cancels_promptly = True
 
     def __init__(self, quiet_s: float) -> None:
         self.quiet_s = quiet_s

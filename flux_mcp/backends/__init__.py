@@ -139,6 +139,9 @@ class Backend(Protocol):
     endpoint: str
     #: True when ``collect`` can finish runs submitted before a restart (``RunContext.submitted``).
     resumable: bool
+    #: True when a cancelled run stops within a request's time (a hosted job: one cancel request); False
+    #: when it stops only at its next step boundary (a GPU run): cancel_job then answers "cancelling".
+    cancels_promptly: bool
 
     def capabilities(self) -> dict[str, Any]:
         """What this backend supports, for list_presets (e.g. {"cns": True, "max_concurrency": 4})."""

@@ -3,7 +3,10 @@
 Loads the model through the local backend's own loading code (``FLUX_MCP_MODEL``, device, offload),
 runs the deterministic sampler for a few seeds on an image, measures per-band progress
 (``cns.calibrate_gamma``) and stores the matrix in the user cache, keyed by model, where the local
-backend picks it up for ``cns_gamma_source = "matrix"``. Until then the analytic stand-in is used.
+backend picks it up for ``cns_gamma_source = "matrix"`` (at its next CNS run: no restart needed). Until
+then the analytic stand-in is used. [ours] The file holds the σ of each row (the backend maps rows by σ,
+so one calibration serves any step count and image size) and the model id and latent channel count,
+which the backend checks against the loaded model.
 
 The paper averages >= 4096 samples; the default of 8 seeds gives a usable rough estimate in minutes
 on a GPU. Imports torch (the local extra); the hosted path never imports this module.
@@ -50,13 +53,14 @@ def calibrate(
         from .tiny import make_example_image
 
         reference = make_example_image(size, size)
-    matrix = cns.calibrate_gamma(
+    matrix, sigmas = cns.calibrate_gamma(
         pipe, reference, prompt, steps, guidance, bins, list(range(seeds)), height=size, width=size
     )
     path = cns.gamma_cache_path(gamma_cache_dir(), settings.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": settings.model,
+        "latent_channels": pipe.transformer.config.in_channels,
         "steps": steps,
         "guidance": guidance,
         "bins": bins,
@@ -64,5 +68,5 @@ def calibrate(
         "size": size,
         "prompt": prompt,
     }
-    cns.save_gamma_matrix(path, matrix, meta)
+    cns.save_gamma_matrix(path, matrix, meta, sigmas)
     return path, time.perf_counter() - started

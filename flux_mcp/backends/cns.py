@@ -9,7 +9,7 @@ rectified-flow sampler as [ours].
 Layers, bottom up:
 - pure spectral functions on plain tensors (``radial_bins``, ``tilt_alpha``, ``band_weights``,
   ``colour_noise``) and the gamma sources (``approximation_gamma``, ``analytic_gamma_matrix``,
-  ``resample_gamma``, ``calibrate_gamma`` with its cache files);
+  ``resample_gamma``, ``gamma_at_sigmas``, ``calibrate_gamma``; its cache files are in ``gamma_files``);
 - ``ColoredNoiseScheduler``, a ``FlowMatchEulerDiscreteScheduler`` that the local backend swaps into
   the klein pipeline (no fork of the pipeline) and configures before each run.
 
@@ -20,19 +20,24 @@ names of ``EditRequest`` and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .gamma_files import (
+    Gamma,
+    GammaCache,
+    gamma_cache_path,
+    load_cached_gamma,
+    load_gamma_matrix,
+    save_gamma_matrix,
+)
 
 if TYPE_CHECKING:
     from ..schema import EditRequest
@@ -40,11 +45,14 @@ if TYPE_CHECKING:
 __all__ = [
     "CNSParams",
     "ColoredNoiseScheduler",
+    "Gamma",
+    "GammaCache",
     "analytic_gamma_matrix",
     "approximation_gamma",
     "band_weights",
     "calibrate_gamma",
     "colour_noise",
+    "gamma_at_sigmas",
     "gamma_cache_path",
     "load_cached_gamma",
     "load_gamma_matrix",
@@ -54,6 +62,7 @@ __all__ = [
     "save_gamma_matrix",
     "tilt_alpha",
     "token_grid",
+    "variance_preserving_split",
 ]
 
 #: Below this standard deviation the coloured noise counts as zero (every band weight was 0).
@@ -69,7 +78,6 @@ _ANALYTIC_F0 = 0.05
 #: [ours] Reference grid on which the analytic spectrum is scaled to unit mean power (the latents are
 #: normalised to roughly unit variance, the same scale as the noise). 64x64 is a 1024px request's grid.
 _ANALYTIC_GRID = (64, 64)
-_GAMMA_KEY = "gamma"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,26 +135,31 @@ def tilt_alpha(
 def band_weights(
     gamma_row: torch.Tensor, alpha: float, power: float, divider: float, use_fnorm: bool
 ) -> torch.Tensor:
-    """Amplitude gain of each radial band, s_b = max(1 - g_b / divider, 0) ** power * tilt_b.
+    """Amplitude gain of each radial band, s_b = (r_b / max r) ** power * tilt_b, r_b = max(1 - g_b / divider, 0).
 
     Order [ours, following the hosted endpoint]: the power is applied to the residual FIRST, then the
     tilt. The paper's code tilts first and raises the tilted residual to the power, so there the power
     also scales the tilt (exp(a*f) ** p = exp(a*p*f)). The endpoint documents that the power has no
-    effect under ``approximation``; that holds only in this order, where a residual that is the same
-    for every band, raised to any power, is a constant that the energy normalisation cancels.
-    Weights are never negative. All of them may be 0 (divider < 1 with gamma near 1, or a flat tilt
-    of 1 + alpha = 0); ``colour_noise`` then returns zero noise.
+    effect under ``approximation``.
+    [ours] The residual is divided by its largest band before the power: the energy normalisation
+    cancels any common factor anyway, so this changes nothing but exactness. Under ``approximation``
+    every band is then exactly 1 and the power has exactly no effect, and a small residual (a small
+    divider) is not raised to a power that underflows float32 to 0, which would flip that step's
+    noise from full to none.
+    Tilt: ``use_fnorm`` = the paper's exp(alpha * f). Otherwise [ours] the linear tilt 1 + alpha * f
+    (clamped at 0), f = the band's normalised radius: the paper's flat (1 + alpha) is the same for
+    every band and cancels in the normalisation, doing nothing; the linear tilt reaches (1 + alpha) at
+    the highest band and, as the endpoint describes the knob, alpha > 0 boosts high frequencies,
+    alpha < 0 low ones.
+    Weights are never negative. All of them may be 0 (divider < 1 with gamma near 1, or alpha <= -1
+    without fnorm); ``colour_noise`` then returns zero noise.
     """
-    gamma_row = gamma_row.to(torch.float32)
-    residual = (1.0 - gamma_row / divider).clamp(min=0.0) ** power
-    if use_fnorm:
-        f_norm = torch.linspace(0.0, 1.0, gamma_row.numel(), device=gamma_row.device)
-        tilt = torch.exp(alpha * f_norm)
-    else:
-        # [paper] the flat tilt (1 + alpha) is the same for every band, so the normalisation cancels
-        # it; [ours] clamped at 0 so a weight is never negative (alpha <= -1 means no noise).
-        tilt = torch.full_like(residual, max(1.0 + alpha, 0.0))
-    return residual * tilt
+    residual = (1.0 - gamma_row.to(torch.float64) / divider).clamp(min=0.0)
+    peak = residual.max()
+    shape = (residual / peak if peak > 0 else residual) ** power
+    f_norm = torch.linspace(0.0, 1.0, gamma_row.numel(), dtype=torch.float64, device=gamma_row.device)
+    tilt = torch.exp(alpha * f_norm) if use_fnorm else (1.0 + alpha * f_norm).clamp(min=0.0)
+    return (shape * tilt).to(torch.float32)
 
 
 def colour_noise(
@@ -223,6 +236,25 @@ def resample_gamma(matrix: torch.Tensor, num_steps: int, num_bins: int) -> torch
     return matrix[row_index.to(matrix.device)]
 
 
+def gamma_at_sigmas(
+    matrix: torch.Tensor, matrix_sigmas: torch.Tensor, sigmas: torch.Tensor | Sequence[float], num_bins: int
+) -> torch.Tensor:
+    """[ours] The matrix's rows at noise levels ``sigmas``: (len(sigmas), num_bins).
+
+    A calibrated row belongs to the σ it was measured at, not to a step fraction: a schedule's
+    sigmas depend on the step count and the image size (klein shifts them by ``mu``), so mapping by
+    σ lets one calibration serve any of them. Rows are interpolated linearly in σ; sigmas outside the
+    calibrated range take the nearest row. Bands as in ``resample_gamma``.
+    """
+    matrix = resample_gamma(matrix, matrix.shape[0], num_bins).cpu().to(torch.float64)  # bands only
+    known = matrix_sigmas.detach().cpu().to(torch.float64).flatten()
+    order = torch.argsort(known)
+    known, rows = known[order].numpy(), matrix[order].numpy()
+    wanted = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten().numpy()
+    columns = [np.interp(wanted, known, rows[:, band]) for band in range(num_bins)]
+    return torch.from_numpy(np.stack(columns, axis=1)).to(torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration of a gamma matrix on the deployed pipeline, and its cache file
 
@@ -231,6 +263,7 @@ class _RecordingScheduler(FlowMatchEulerDiscreteScheduler):
     """The stock Euler step that also keeps each step's clean prediction and the final sample."""
 
     clean_predictions: list[torch.Tensor]
+    step_sigmas: list[float]
     final_sample: torch.Tensor | None = None
 
     def step(
@@ -239,6 +272,7 @@ class _RecordingScheduler(FlowMatchEulerDiscreteScheduler):
         if self.step_index is None:
             self._init_step_index(timestep)
         sigma = self.sigmas[self.step_index]
+        self.step_sigmas.append(float(sigma))
         # FLUX: x = (1-σ)x0 + σε and v = ε - x0, so x - σv = x0 (the stock step is x + (σ_next - σ)v).
         self.clean_predictions.append(sample.float() - sigma * model_output.float())
         output = super().step(model_output, timestep, sample, *args, **kwargs)
@@ -276,8 +310,9 @@ def calibrate_gamma(
     *,
     height: int | None = None,
     width: int | None = None,
-) -> torch.Tensor:
-    """[paper] Measure gamma(f, t) on ``pipe`` (a klein pipeline): Tensor[num_steps, num_bins].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[paper] Measure gamma(f, t) on ``pipe`` (a klein pipeline): Tensor[num_steps, num_bins], and
+    [ours] the noise level σ of each row (Tensor[num_steps]), by which the backend maps rows.
 
     Runs the deterministic sampler once per seed (CNS off: the pipeline's scheduler is temporarily
     replaced by a recording stock Euler scheduler), records the clean prediction x̂0 at every step and
@@ -295,7 +330,7 @@ def calibrate_gamma(
     total = torch.zeros(num_steps, num_bins)
     try:
         for seed in seeds:
-            recorder.clean_predictions, recorder.final_sample = [], None
+            recorder.clean_predictions, recorder.step_sigmas, recorder.final_sample = [], [], None
             generator = torch.Generator(device=pipe._execution_device).manual_seed(int(seed))
             output = pipe(
                 image=image,
@@ -319,53 +354,23 @@ def calibrate_gamma(
             total += _band_progress(clean, final, num_bins)
     finally:
         pipe.scheduler = original
-    return _normalise_per_band(total / len(seeds))
+    return _normalise_per_band(total / len(seeds)), torch.tensor(recorder.step_sigmas, dtype=torch.float32)
 
 
-def save_gamma_matrix(path: Path | str, matrix: torch.Tensor, meta: dict[str, Any]) -> None:
-    """Write a gamma matrix as safetensors; ``meta`` (model id, steps, guidance, ...) as strings."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    metadata = {str(key): str(value) for key, value in meta.items()}
-    save_file({_GAMMA_KEY: matrix.detach().to("cpu", torch.float32).contiguous()}, str(partial), metadata)
-    partial.replace(target)  # atomic: a reader never sees half a file
+# ---------------------------------------------------------------------------------------------
+# The stochastic step's coefficients
 
 
-def load_gamma_matrix(path: Path | str) -> tuple[torch.Tensor, dict[str, str]]:
-    """Read a matrix written by ``save_gamma_matrix``; ValueError when it is not a usable one."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = dict(handle.metadata() or {})
-            names = set(handle.keys())  # a safe_open handle is not a mapping: no `in handle`
-            matrix = handle.get_tensor(_GAMMA_KEY) if _GAMMA_KEY in names else None
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"cannot read the CNS gamma matrix {path}: {exc}") from exc
-    if matrix is None or matrix.dim() != 2 or min(matrix.shape) < 1:
-        raise ValueError(f"{path} holds no (steps x bands) tensor named {_GAMMA_KEY!r}")
-    if not torch.isfinite(matrix).all() or matrix.min() < 0 or matrix.max() > 1:
-        raise ValueError(f"{path}: a gamma matrix must be finite with values in [0, 1]")
-    return matrix.to(torch.float32), meta
+def variance_preserving_split(sigma: float, sigma_next: float, s_churn: float) -> tuple[float, float]:
+    """[ours] (s, c) of a step σ → σ_next: std of the fresh noise and weight of the predicted noise.
 
-
-def gamma_cache_path(cache_dir: Path | str, model_id: str) -> Path:
-    """Where the calibrated matrix of ``model_id`` (hub id or local directory) is cached.
-
-    The readable part is the id with anything but [A-Za-z0-9._-] replaced; a short hash of the exact
-    id keeps two ids that sanitise alike (``a/b`` and ``a_b``) apart.
+    s² = σn²·(1 - exp(-2ησh/σn²)) ≈ 2ησh for small steps (the reference's first-order injection) and
+    always below σn²; c = sqrt(σn² - s²), so c² + s² = σn² exactly. σ_next must be above 0 (the
+    last step adds no noise).
     """
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("._")[:80] or "model"
-    digest = hashlib.sha256(model_id.encode()).hexdigest()[:10]
-    return Path(cache_dir) / f"cns-gamma-{readable}-{digest}.safetensors"
-
-
-def load_cached_gamma(cache_dir: Path | str, model_id: str) -> tuple[torch.Tensor, str] | None:
-    """The cached matrix of ``model_id`` and its label for ``configure_cns``; None when not calibrated."""
-    path = gamma_cache_path(cache_dir, model_id)
-    if not path.is_file():
-        return None
-    matrix, _meta = load_gamma_matrix(path)
-    return matrix, f"calibrated: {path.name}"
+    h = sigma - sigma_next
+    injected_var = sigma_next**2 * -math.expm1(-2.0 * s_churn * sigma * h / sigma_next**2)
+    return math.sqrt(injected_var), math.sqrt(max(sigma_next**2 - injected_var, 0.0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +403,7 @@ class _CNSRun:
     grid: tuple[int, int]
     gamma: torch.Tensor | None
     gamma_label: str
+    gamma_sigmas: torch.Tensor | None = None  # the σ of each gamma row (None: rows by step fraction)
     weights: torch.Tensor | None = None  # (steps, bins) band gains, on the latents' device
     bins: torch.Tensor | None = None  # (h, w) radial bands, on the latents' device
     host_sigmas: list[float] = field(default_factory=list)  # this schedule's sigmas as floats
@@ -411,10 +417,14 @@ class ColoredNoiseScheduler(FlowMatchEulerDiscreteScheduler):
     call ``configure_cns`` before each run (``clear_cns`` for a run without CNS). Not configured, or
     with ``s_churn == 0``, every step is the stock step (bit-identical).
 
-    [ours] The stochastic step, with h = σ_i - σ_{i+1}, η = s_churn and ε̂ = x + (1 - σ_i)·v:
-        x_{i+1} = x_i - h·v - η·h·ε̂ + sqrt(2·η·σ_i·h) · w_c
-    It removes η·h of the predicted noise and injects the same variance as coloured noise, so the
-    noise level stays on schedule to first order: (σ_{i+1} - ηh)² + 2ησh ≈ σ_{i+1}².
+    [ours] The stochastic step, variance-preserving at any step size. With h = σ_i - σ_{i+1},
+    η = s_churn, x̂0 = x - σ_i·v and ε̂ = x + (1 - σ_i)·v (x = (1-σ)x0 + σε, v = ε - x0):
+        x_{i+1} = (1 - σ_{i+1})·x̂0 + sqrt(σ_{i+1}² - s²)·ε̂ + s·w_c,   s² = σ_{i+1}²·(1 - exp(-2ησ_i·h / σ_{i+1}²))
+    The noise part has exactly σ_{i+1}² variance whatever the step size (w_c has unit variance per
+    element). For small steps s² ≈ 2ησh and the step is the first-order one of the reference
+    (x - h·v - η·h·ε̂ + sqrt(2ησh)·w_c); at klein's large last steps (σ 0.40 → 0.24) that first-order
+    form left the sample 1.26x/1.51x/2.10x noisier than the schedule at s_churn 0.5/1/2, while s²
+    here never exceeds σ_{i+1}². η = 0 (s = 0) is the stock step, and runs as it, bit for bit.
     """
 
     _cns: _CNSRun | None = None  # class default: from_config builds the instance without our __init__
@@ -426,6 +436,7 @@ class ColoredNoiseScheduler(FlowMatchEulerDiscreteScheduler):
         grid: tuple[int, int],
         gamma: torch.Tensor | None = None,
         gamma_label: str = "calibrated",
+        gamma_sigmas: torch.Tensor | None = None,
     ) -> None:
         """Arm CNS for the next run.
 
@@ -433,13 +444,15 @@ class ColoredNoiseScheduler(FlowMatchEulerDiscreteScheduler):
         from generators[i] only. ``grid``: the token grid from ``token_grid``. ``gamma``: a measured
         (steps x bands) matrix, used when ``params.gamma_source == "matrix"``; without one the
         analytic stand-in is built from this run's sigmas. ``gamma_label`` says where ``gamma`` came
-        from (e.g. "calibrated: <file>") for ``cns_info``.
+        from (e.g. "calibrated: <file>") for ``cns_info``; ``gamma_sigmas`` the σ of each of its rows,
+        by which rows are mapped onto this run's schedule (without them: by step fraction, as the paper).
         """
         if not generators:
             raise ValueError("configure_cns needs one generator per image")
         if gamma is not None and (gamma.dim() != 2 or min(gamma.shape) < 1):
             raise ValueError(f"gamma must be a (steps x bands) matrix, got shape {tuple(gamma.shape)}")
-        self._cns = _CNSRun(params, list(generators), (int(grid[0]), int(grid[1])), gamma, gamma_label)
+        grid = (int(grid[0]), int(grid[1]))
+        self._cns = _CNSRun(params, list(generators), grid, gamma, gamma_label, gamma_sigmas)
 
     def clear_cns(self) -> None:
         """Back to the plain Euler sampler."""
@@ -515,17 +528,16 @@ class ColoredNoiseScheduler(FlowMatchEulerDiscreteScheduler):
     def _cns_step(self, run: _CNSRun, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """One stochastic step on packed tokens (B, h*w, C), in float32.
 
-        x - h·v - η·h·ε̂ + sqrt(2ησh)·w_c with ε̂ = x + (1-σ)·v (the ε of x = (1-σ)x0 + σε, v = ε - x0),
-        folded into (1 - ηh)·x - h·(1 + η(1-σ))·v + sqrt(2ησh)·w_c: three passes over the latents
-        instead of eight, with scalar coefficients taken from a host copy of the sigmas (no sync).
+        (1 - σn)·x̂0 + c·ε̂ + s·w_c folded into a·x + b·v + s·w_c: three passes over the latents,
+        with scalar coefficients from a host copy of the sigmas (no device sync).
         """
         index = self.step_index
         noise = self._coloured_tokens(run, sample, index)  # also fills run.host_sigmas
         sigma, sigma_next = run.host_sigmas[index], run.host_sigmas[index + 1]
-        h, eta = sigma - sigma_next, run.params.s_churn
-        out = sample.to(torch.float32) * (1.0 - eta * h)
-        out.add_(model_output.to(torch.float32), alpha=-h * (1.0 + eta * (1.0 - sigma)))
-        out.add_(noise, alpha=math.sqrt(2.0 * eta * sigma * h))
+        injected, kept = variance_preserving_split(sigma, sigma_next, run.params.s_churn)
+        out = sample.to(torch.float32) * ((1.0 - sigma_next) + kept)
+        out.add_(model_output.to(torch.float32), alpha=kept * (1.0 - sigma) - (1.0 - sigma_next) * sigma)
+        out.add_(noise, alpha=injected)
         run.noised_steps += 1
         return out
 
@@ -571,6 +583,8 @@ class ColoredNoiseScheduler(FlowMatchEulerDiscreteScheduler):
         bins = run.params.num_freq_bins
         if run.params.gamma_source == "approximation":
             return torch.stack([approximation_gamma(i, num_steps, bins) for i in range(num_steps)])
+        if run.gamma is not None and run.gamma_sigmas is not None:
+            return gamma_at_sigmas(run.gamma.cpu(), run.gamma_sigmas, self.sigmas[:-1].cpu(), bins)
         if run.gamma is not None:
             return resample_gamma(run.gamma.cpu(), num_steps, bins)
         return analytic_gamma_matrix(self.sigmas[:-1].cpu(), bins)

@@ -101,6 +101,7 @@ class FalBackend:
     name = "fal"
     endpoint = ENDPOINT_ID
     resumable = True
+    cancels_promptly = True
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

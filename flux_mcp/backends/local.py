@@ -28,7 +28,10 @@ Fields that are not plain pipeline arguments:
 - ``acceleration`` (checked against diffusers 0.42.1):
   ``none`` = eager PyTorch;
   ``regular`` = ``transformer.compile_repeated_blocks(fullgraph=True)`` once, on the first such run
-  (exact); CUDA only, so on the CPU (and with sequential offload) it runs eager and a note says so;
+  (exact), with FLUX_MCP_COMPILE_BACKEND (auto = inductor on CUDA; on the CPU, and with sequential
+  offload, it runs eager and a note says so). Past dynamo's recompile limit new LoRA sets would
+  fail, so only the first few configurations compile and later ones run eager (``compiling``); a
+  compiler error fails that run only (``JobFailed``) and resets the compiled code;
   ``high`` = diffusers' TaylorSeer cache (attention outputs computed every few steps and extrapolated
   in between: approximate, for drafts) on eager blocks. Not FirstBlockCache: in 0.42.1 it fails on
   FLUX.2 (its tail hook subtracts the double block's tuple output from the single block's tensor).
@@ -40,8 +43,9 @@ Fields that are not plain pipeline arguments:
   ``nsfw`` stays None. With the flag off nothing is checked and ``nsfw`` is None.
 - ``sync_mode``: nothing is uploaded anywhere locally; a note says the flag has no effect.
 - ``enable_cns`` + ``cns_*``: ``cns.ColoredNoiseScheduler`` is swapped in and configured for the run
-  (the plain scheduler otherwise) with this model's calibrated gamma matrix from the user cache dir,
-  or the analytic stand-in; ``details["cns"]`` says which.
+  (the plain scheduler otherwise) with this model's calibrated gamma matrix from the user cache dir
+  (re-read when ``flux-mcp calibrate-cns`` replaced it; refused when its metadata names another
+  model), or the analytic stand-in; ``details["cns"]`` says which, and why a file was not used.
 
 torch is imported here; diffusers, transformers and ``cns`` only when the model loads. This
 module knows nothing about MCP, presets or the result store.
@@ -70,7 +74,7 @@ from .. import netguard
 from ..config import APP, Settings
 from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
 from ..images import check_image_bytes
-from ..schema import MAX_SEED, EditRequest, output_size
+from ..schema import MAX_SEED, EditRequest, image_seeds, output_size
 from . import (
     BackendResult,
     CostEstimate,
@@ -82,6 +86,7 @@ from . import (
     hosted_price,
 )
 from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
+from .compiling import COMPILER_ERRORS, CompiledBlocks, compile_backend
 from .loras import AdapterCache, LoraFile, LoraFiles
 from .safety import SafetyClassifier, blacked_out
 
@@ -118,6 +123,7 @@ class LocalBackend:
 
     name = "local"
     resumable = False
+    cancels_promptly = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -235,6 +241,7 @@ class LocalBackend:
         if not 1 <= len(inputs) <= 4:
             raise InvalidRequest("image_urls: give 1 to 4 input images.", field="image_urls")
         cuda = _device_name(self.settings).startswith("cuda")
+        compiles = compile_backend(self.settings, cuda) is not None
         regular = request.acceleration == "regular"
         candidates = [
             (request.negative_prompt and request.guidance_scale <= 1,
@@ -243,8 +250,9 @@ class LocalBackend:
              "no safety check ran on the local backend (no classifier is configured: set "
              "FLUX_MCP_SAFETY_MODEL); nsfw is unknown."),
             (request.sync_mode, "sync_mode has no effect on the local backend: nothing is uploaded anywhere."),
-            (regular and not cuda, "acceleration 'regular' ran eager: torch.compile is used on CUDA only."),
-            (regular and cuda and self.settings.offload == "sequential",
+            (regular and not compiles,
+             "acceleration 'regular' ran eager: torch.compile is used on CUDA only (FLUX_MCP_COMPILE_BACKEND)."),
+            (regular and compiles and self.settings.offload == "sequential",
              "acceleration 'regular' ran eager: torch.compile is not used with sequential offload."),
             (request.acceleration == "high",
              "acceleration 'high' used diffusers' TaylorSeer cache (approximate, for drafts); "
@@ -327,11 +335,13 @@ class _Engine:
         self.multiple = pipe.vae_scale_factor * 2
         self.plain_scheduler = pipe.scheduler
         self.cns_scheduler: Any = None
-        #: The calibrated CNS gamma matrix of this model and its label; read once, None = stand-in.
-        self.gamma: tuple[torch.Tensor, str] | None = None
-        self.gamma_read = False
+        #: The calibrated CNS gamma matrix of this model, re-read when its file changes (``cns.GammaCache``).
+        self.gamma_cache: Any = None
         self.adapters = AdapterCache()
-        self.compiled = False
+        sequential = settings.offload == "sequential"
+        self.compiler = CompiledBlocks(
+            None if sequential else compile_backend(settings, device.type == "cuda")
+        )
 
     @classmethod
     def load(cls, settings: Settings) -> _Engine:
@@ -375,13 +385,10 @@ class _Engine:
             # 4. LoRA adapters
             loads_before = self.adapters.loads
             applied = self.adapters.activate(pipe, job.loras, lambda message: job.notify(0, message))
+            notes += self.adapters.notes(job.loras)
             # 5. Prompt embeddings, for one image: the pipeline repeats them per image
             job.notify(0, "encoding the prompt")
-            cfg = request.guidance_scale > 1 and not pipe.config.is_distilled
-            prompt_embeds, _ = pipe.encode_prompt(prompt=request.prompt, num_images_per_prompt=1)
-            negative_embeds = (
-                pipe.encode_prompt(request.negative_prompt, num_images_per_prompt=1)[0] if cfg else None
-            )
+            prompt_embeds, negative_embeds = self._encode_prompts(request)
             if request.guidance_scale > 1 and pipe.config.is_distilled:
                 notes.append("this model is step-distilled: guidance_scale and negative_prompt were ignored.")
             # 6. Denoise
@@ -390,7 +397,13 @@ class _Engine:
                 pipe.vae.enable_tiling()
             else:
                 pipe.vae.disable_tiling()
-            with self._acceleration(job):
+            config = (
+                tuple((a["adapter"], a["scale"]) for a in applied),
+                len(job.seeds),
+                job.width,
+                job.height,
+            )
+            with self._acceleration(job, (*config, negative_embeds is not None), notes):
                 images = pipe(
                     image=job.references,
                     prompt_embeds=prompt_embeds,
@@ -410,6 +423,12 @@ class _Engine:
             pipe.maybe_free_model_hooks()  # offload hooks and cache state as after a finished call
             # Seen only if the flag was set yet no cancellation reached the awaiting task (else that wins).
             raise JobFailed("the local run was interrupted") from None
+        except COMPILER_ERRORS as exc:
+            self.compiler.reset()
+            raise JobFailed(
+                f"torch.compile failed in acceleration {request.acceleration!r} ({type(exc).__name__}); the "
+                "compiled code was reset, so the next run compiles afresh. Use acceleration 'none' if it recurs."
+            ) from exc
         except torch.OutOfMemoryError as exc:
             self._free_memory()
             raise JobFailed(
@@ -435,6 +454,19 @@ class _Engine:
         if nsfw[0] is not None:
             details["safety_model"] = self.settings.safety_model
         return images, nsfw, details
+
+    @torch.no_grad()
+    def _encode_prompts(self, request: EditRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's embeddings and, with true CFG, the negative prompt's; for one image each.
+
+        Without grad: ``encode_prompt`` is not decorated, and embeddings that kept the text encoder's
+        autograd graph would hold it (gigabytes for Qwen3-8B) for the whole run.
+        """
+        pipe = self.pipe
+        prompt_embeds, _ = pipe.encode_prompt(prompt=request.prompt, num_images_per_prompt=1)
+        if request.guidance_scale <= 1 or pipe.config.is_distilled:
+            return prompt_embeds, None
+        return prompt_embeds, pipe.encode_prompt(request.negative_prompt, num_images_per_prompt=1)[0]
 
     def _safety_check(
         self, job: _Job, images: list[Image.Image], notes: list[str]
@@ -463,35 +495,31 @@ class _Engine:
 
         if self.cns_scheduler is None:
             self.cns_scheduler = cns.ColoredNoiseScheduler.from_config(self.plain_scheduler.config)
-        if not self.gamma_read:
-            try:
-                self.gamma = cns.load_cached_gamma(Path(user_cache_dir(APP)), self.settings.model)
-            except ValueError:
-                self.gamma = None  # a broken cache file: the stand-in, as if never calibrated
-            self.gamma_read = True
-        matrix, label = self.gamma or (None, "analytic stand-in")
+        if self.gamma_cache is None:
+            channels = self.pipe.transformer.config.in_channels
+            self.gamma_cache = cns.GammaCache(Path(user_cache_dir(APP)), self.settings.model, channels)
+        gamma, problem = self.gamma_cache.current()
         self.cns_scheduler.configure_cns(
             cns.CNSParams.from_request(job.request),
             cns.noise_generators(job.seeds, "cpu"),
             cns.token_grid(self.pipe, job.height, job.width),
-            matrix,
-            label,
+            gamma.matrix if gamma else None,
+            gamma.label if gamma else "analytic stand-in",
+            gamma.sigmas if gamma else None,
         )
         self.pipe.scheduler = self.cns_scheduler
-        return {}
+        return {"gamma_file_problem": f"{problem}; the analytic stand-in was used"} if problem else {}
 
     @contextlib.contextmanager
-    def _acceleration(self, job: _Job) -> Iterator[None]:
+    def _acceleration(self, job: _Job, config: tuple[Any, ...], notes: list[str]) -> Iterator[None]:
+        """The run's acceleration; ``config`` = what dynamo's guards see change between runs."""
         level = job.request.acceleration
         transformer = self.pipe.transformer
-        compile_here = self.device.type == "cuda" and self.settings.offload != "sequential"
-        if level == "regular" and compile_here and not self.compiled:
-            job.notify(0, "compiling the transformer blocks (first accelerated run only)")
-            transformer.compile_repeated_blocks(fullgraph=True)
-            self.compiled = True
         with contextlib.ExitStack() as stack:
-            if self.compiled and level != "regular":
-                stack.enter_context(torch.compiler.set_stance("force_eager"))
+            message = "compiling the transformer blocks (first accelerated run only)"
+            stack.enter_context(
+                self.compiler.running(transformer, level, config, notes, lambda: job.notify(0, message))
+            )
             if level == "high":
                 from diffusers.hooks import TaylorSeerCacheConfig
 
@@ -549,7 +577,7 @@ class _Batch:
         first = run.seed if run.seed is not None else secrets.randbelow(MAX_SEED + 1)
         self.indices.append(index)
         self.counts.append(run.num_images)
-        self.seeds += [(first + i) % (MAX_SEED + 1) for i in range(run.num_images)]
+        self.seeds += image_seeds(first, run.num_images)
 
     def split(self, images: list[GeneratedImage]) -> list[list[GeneratedImage]]:
         """The pass's images, back per run."""

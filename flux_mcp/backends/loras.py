@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from ..config import Settings
 
-__all__ = ["AdapterCache", "LoraFile", "LoraFiles", "safetensors_problem"]
+__all__ = ["AdapterCache", "LoraFile", "LoraFiles", "ModuleReport", "safetensors_problem"]
 
 _MIB = 1024 * 1024
 _PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
@@ -302,25 +302,26 @@ def safetensors_problem(stream: IO[bytes], size: int) -> str | None:
 
     Layout: an 8-byte little-endian header length N, N bytes of JSON mapping tensor names to
     {dtype, shape, data_offsets}, then the data; every offset must lie inside the data.
+
+    The verdict comes from parsing alone. The first bytes only name the likely format in the message
+    once parsing failed: a safetensors file starts with its header length, so any first byte is
+    possible (0x80, a pickle's first byte, for every header length of 128 mod 256). A file without
+    tensors passes here; the adapter check refuses it later ("no LoRA keys match").
     """
     head = stream.read(8)
     if len(head) < 8:
         return "it is too short"
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "it is a zip/pickle archive, i.e. a PyTorch .pt/.bin file"
     header_len = int.from_bytes(head, "little")
     if header_len < 2 or header_len > min(_MAX_HEADER_BYTES, size - 8):
-        return "its header length is invalid"
+        return _archive_kind(head) or "its header length is invalid"
     try:
         header = json.loads(stream.read(header_len))
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return "its header is not JSON"
+        return _archive_kind(head) or "its header is not JSON"
     if not isinstance(header, dict):
         return "its header is not a JSON object"
     data_size = size - 8 - header_len
     tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
-    if not tensors:
-        return "it holds no tensors"
     for name, entry in tensors.items():
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (
@@ -330,6 +331,15 @@ def safetensors_problem(stream: IO[bytes], size: int) -> str | None:
             and 0 <= offsets[0] <= offsets[1] <= data_size
         ):
             return f"the entry for {str(name)[:80]!r} is invalid"
+    return None
+
+
+def _archive_kind(head: bytes) -> str | None:
+    """What a file that failed to parse as safetensors probably is, judged by its first bytes."""
+    if head[:4] == b"PK\x03\x04":
+        return "it is a zip archive, e.g. a PyTorch .pt/.bin file"
+    if head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, protocols 2-5
+        return "it is a pickle, e.g. a PyTorch .pt/.bin file"
     return None
 
 
@@ -345,6 +355,8 @@ class AdapterCache:
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> label, oldest first
         #: How many adapters were loaded into the pipeline so far (a scale change loads nothing).
         self.loads = 0
+        #: adapter name -> which of its file's modules reached the transformer (see ``ModuleReport``)
+        self.reports: dict[str, ModuleReport] = {}
 
     def activate(
         self, pipe: Any, loras: Sequence[tuple[LoraFile, float]], report: Callable[[str], None]
@@ -370,10 +382,27 @@ class AdapterCache:
         # set_adapters does not undo an earlier disable_lora (seen on diffusers 0.42.1 / peft 0.21).
         pipe.enable_lora()
         pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-        return [{"path": lora.label, "adapter": lora.adapter_name, "scale": scale} for lora, scale in loras]
+        return [
+            {
+                "path": lora.label,
+                "adapter": lora.adapter_name,
+                "scale": scale,
+                **self.reports[lora.adapter_name].details(),
+            }
+            for lora, scale in loras
+        ]
+
+    def notes(self, loras: Sequence[tuple[LoraFile, float]]) -> list[str]:
+        """A note for every LoRA of this request that was applied only in part."""
+        return [
+            note
+            for lora in dict.fromkeys(lora for lora, _ in loras)
+            if (note := self.reports[lora.adapter_name].note(lora.label))
+        ]
 
     def clear(self) -> None:
         self._loaded.clear()
+        self.reports.clear()
 
     def _make_room(self, pipe: Any, keep: set[str]) -> None:
         while len(self._loaded) >= self._capacity:
@@ -382,6 +411,7 @@ class AdapterCache:
                 return
             pipe.delete_adapters([victim])
             del self._loaded[victim]
+            self.reports.pop(victim, None)
 
     def _load(self, pipe: Any, lora: LoraFile) -> None:
         from safetensors import SafetensorError
@@ -411,11 +441,81 @@ class AdapterCache:
                 field=lora.field,
             )
         self._loaded[name] = lora.label
+        self.reports[name] = ModuleReport.of(pipe, state, name)
 
     @staticmethod
     def _discard(pipe: Any, name: str) -> None:
         if name in pipe.get_list_adapters().get("transformer", []):
             pipe.delete_adapters([name])
+
+
+#: A LoRA key = its module's path + one of these endings (diffusers/PEFT, kohya, LoKr, alpha, DoRA).
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?:(?:lora_[AB]|lora_down|lora_up|lora\.down|lora\.up)\.(?:weight|bias)"
+    r"|lokr_\w+|alpha|dora_scale)$"
+)
+#: How many dropped module names a note lists.
+_SHOWN_DROPPED = 5
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """Which of a LoRA file's modules reached the transformer, and which diffusers dropped.
+
+    diffusers drops parts of a LoRA with at most a log line: text-encoder modules, kohya keys its
+    converter does not know, modules of blocks this model lacks. Each of the file's modules is
+    converted alone by diffusers' own converter (``pipe.lora_state_dict``) to see which layers it
+    targets; it counts as applied when the loaded adapter wraps at least one of them.
+    """
+
+    modules: int
+    applied: int
+    dropped: tuple[str, ...]
+
+    @classmethod
+    def of(cls, pipe: Any, state: dict[str, Any], adapter: str) -> ModuleReport:
+        wrapped = {
+            path
+            for path, module in pipe.transformer.named_modules()
+            if adapter in getattr(module, "lora_A", {})
+        }
+        groups: dict[str, dict[str, Any]] = {}
+        for key, tensor in state.items():
+            match = _LORA_KEY.match(key)
+            groups.setdefault(match["module"] if match else key, {})[key] = tensor
+        dropped = tuple(module for module, keys in groups.items() if not _targets(pipe, keys) & wrapped)
+        return cls(modules=len(groups), applied=len(groups) - len(dropped), dropped=dropped)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "modules": self.modules,
+            "modules_applied": self.applied,
+            "modules_dropped": list(self.dropped),
+        }
+
+    def note(self, label: str) -> str | None:
+        if not self.dropped:
+            return None
+        shown = ", ".join(self.dropped[:_SHOWN_DROPPED])
+        more = f" and {len(self.dropped) - _SHOWN_DROPPED} more" if len(self.dropped) > _SHOWN_DROPPED else ""
+        return (
+            f"LoRA {label}: {self.applied} of its {self.modules} modules were applied; {len(self.dropped)} "
+            f"were dropped because they target nothing in this model's transformer (text-encoder keys, "
+            f"unknown or missing layers): {shown}{more}."
+        )
+
+
+def _targets(pipe: Any, keys: dict[str, Any]) -> set[str]:
+    """The transformer layers (dotted paths) that diffusers' converter maps these keys of one module to."""
+    try:
+        converted = pipe.lora_state_dict(dict(keys))
+    except (ValueError, KeyError, IndexError, RuntimeError):
+        return set()
+    return {
+        match["module"].removeprefix("transformer.")
+        for key in converted
+        if key.startswith("transformer.") and (match := _LORA_KEY.match(key))
+    }
 
 
 def _reaches_model(pipe: Any, name: str) -> bool:

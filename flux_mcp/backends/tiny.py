@@ -33,13 +33,14 @@ It knows nothing about MCP, requests, presets or the result store.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from PIL import Image, ImageDraw
@@ -52,6 +53,7 @@ __all__ = [
     "LORA_FORMATS",
     "LoraFormat",
     "build_tiny_pipeline",
+    "changing_lora_sets",
     "make_example_image",
     "make_lora_state_dict",
     "save_lora",
@@ -371,6 +373,24 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor]) -> Path:
     finally:
         Path(staging).unlink(missing_ok=True)
     return target
+
+
+def changing_lora_sets(paths: list[str], count: int) -> list[list[dict[str, Any]]]:
+    """``count`` distinct ``loras`` request values from these files: no LoRA, each file alone, then
+    pairs and triples, with varying scales. Each new adapter set makes a compiled transformer
+    recompile, so these exercise torch.compile's recompile limit (8)."""
+    sets: list[tuple[int, ...]] = [()]
+    for size in range(1, min(3, len(paths)) + 1):
+        sets += itertools.combinations(range(len(paths)), size)
+    if count > len(sets):
+        raise ValueError(f"{len(paths)} files give {len(sets)} LoRA sets, fewer than {count}")
+    return [
+        [
+            {"path": paths[index], "scale": 1.0 - 0.25 * (position % 3)}
+            for position, index in enumerate(chosen)
+        ]
+        for chosen in sets[:count]
+    ]
 
 
 # -- an input picture ------------------------------------------------------------------------------
