@@ -116,7 +116,7 @@ class JobManager:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[JobManager]:
         def prepare() -> None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             sweep_partial(self.root)
 
         await anyio.to_thread.run_sync(prepare)
@@ -346,7 +346,7 @@ class JobManager:
         data = job.record.model_dump_json(indent=2).encode()
         path = self.root / f"{job.id}.json"
 
-        await anyio.to_thread.run_sync(write_atomic, path, data)
+        await anyio.to_thread.run_sync(write_atomic, path, data, 0o600)  # this user alone
 
 
 async def _safe(listener: ProgressFn, value: float, total: float | None, message: str) -> None:
