@@ -175,7 +175,9 @@ def _serve(settings: Settings, ns: argparse.Namespace) -> None:
 
     server = build_server(settings)
     if not ns.http:
-        server.run("stdio")
+        from .stdio import serve_stdio
+
+        anyio.run(serve_stdio, server)
         return
     import uvicorn
     from mcp.server.transport_security import TransportSecuritySettings

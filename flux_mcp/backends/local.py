@@ -309,7 +309,7 @@ class _Engine:
         #: The calibrated CNS gamma matrix of this model and its label; read once, None = stand-in.
         self.gamma: tuple[torch.Tensor, str] | None = None
         self.gamma_read = False
-        self.adapters = AdapterCache()
+        self.adapters = AdapterCache(max_bytes=int(settings.max_adapter_mb * _MIB))
         self.compiled = False
 
     @classmethod
