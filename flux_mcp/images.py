@@ -91,7 +91,7 @@ def _resolve_one(item: str, field: str, settings: Settings, store: ResultStore) 
             "a local file path or flux://images/<id>.",
             field=field,
         )
-    guard = GuardedPath(field, settings.allowed_input_roots, what="image", error=InputImageError)
+    guard = GuardedPath(field, settings.allowed_input_roots, what="image file", error=InputImageError)
     data, path = pathguard.read_inside(text, guard, _max_bytes(settings), "FLUX_MCP_MAX_INPUT_MB")
     return _checked(data, str(path), field, settings)
 

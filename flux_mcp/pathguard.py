@@ -96,10 +96,11 @@ def open_inside(raw: str, guard: GuardedPath) -> Iterator[tuple[BinaryIO, os.sta
         if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
             raise guard.fail(shown, "changed while it was being opened; try again.") from None
         raise guard.fail(shown, f"cannot be read ({exc.strerror}).") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        raise guard.fail(shown, f"is not a regular file (a folder, device or pipe); give a {guard.what}.")
     with os.fdopen(descriptor, "rb", buffering=0) as stream:
-        info = os.fstat(stream.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise guard.fail(shown, "is not a regular file (a folder, device or pipe); give an image file.")
         yield stream, info, real  # type: ignore[misc]
 
 
