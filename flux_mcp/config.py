@@ -257,9 +257,10 @@ SETTINGS: tuple[Setting, ...] = (
         "FLUX_MCP_MAX_LOCAL_WORK",
         "max_local_work",
         _float(1, 1e7),
-        "400",
-        "Local backend: largest call in megapixel-steps (output megapixels x images x steps; 400 = eight "
-        "1 MP images at 50 steps, minutes on a 24 GB card); larger calls are refused before queuing.",
+        "450",
+        "Local backend: largest call in megapixel-steps (output megapixels x images x steps; 450 allows "
+        "eight 1024x1024 images at 50 steps, minutes on a 24 GB card); larger calls are refused before "
+        "queuing.",
     ),
     Setting(
         "FLUX_MCP_HTTP_TOKEN",
@@ -355,7 +356,7 @@ class Settings:
     max_input_mb: float = 32.0
     max_input_megapixels: float = 64.0
     max_queued_jobs: int = 8
-    max_local_work: float = 400.0
+    max_local_work: float = 450.0
     http_token: str = field(default="", repr=False)
     allow_private_urls: bool = False
     lora_cache: Path = field(default_factory=lambda: Path(user_cache_dir(APP)) / "loras")
