@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import threading
 
 import anyio.to_thread
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -49,6 +50,9 @@ _PASS_MODES = {"RGB", "RGBA", "L"}
 _MAX_METADATA_BYTES = 256 * 1024
 #: Results are at most MAX_SIDE x MAX_SIDE; stored files and fal's outputs are opened within this.
 RESULT_MAX_PIXELS = MAX_SIDE * MAX_SIDE
+#: At most this many inputs are decoded at once (each up to FLUX_MCP_MAX_INPUT_MEGAPIXELS x 4 bytes),
+#: so many concurrent calls cannot multiply the transient memory of checking their inputs.
+_DECODING = threading.BoundedSemaphore(2)
 _FLUX_URI = re.compile(r"^flux://images/(?P<id>[^/?#]+)$")
 
 
@@ -118,7 +122,7 @@ def check_image_bytes(data: bytes, what: str, field: str, settings: Settings) ->
             field=field,
         )
     try:
-        with media.open_image(data, max_input_pixels(settings)) as img:
+        with _DECODING, media.open_image(data, max_input_pixels(settings)) as img:
             width, height = img.size
             img.load()
             fmt = img.format or ""
