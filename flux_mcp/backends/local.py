@@ -68,7 +68,7 @@ from platformdirs import user_cache_dir
 from .. import media, netguard
 from ..config import APP, Settings
 from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
-from ..images import check_image_bytes, max_input_pixels
+from ..imagecheck import check_image_bytes, max_input_pixels
 from ..limits import check_local_work
 from ..schema import MAX_SEED, EditRequest, output_size
 from . import BackendResult, GeneratedImage, InputImage, Progress, SeedOutcome
