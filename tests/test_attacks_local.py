@@ -4,17 +4,14 @@ tiny klein pipeline; downloads only from loopback servers the tests start."""
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 import pytest
 from mcp import Client
 
-from .conftest import data_uri, make_png, server_env, stdio_client, text_of
+from .conftest import LoopbackFiles, data_uri, make_png, server_env, stdio_client, text_of
 from .test_attacks_hosted import EPS, _fake_ghostscript
 
 pytestmark = [pytest.mark.anyio, pytest.mark.local]
@@ -36,63 +33,10 @@ def _env(tmp_path: Path, model: Path, **extra: str) -> dict[str, str]:
     )
 
 
-class _Served(BaseHTTPRequestHandler):
-    """Serves ``files`` (path -> bytes; no Content-Length for paths in ``unsized``) and counts requests."""
-
-    files: ClassVar[dict[str, bytes]] = {}
-    unsized: ClassVar[set[str]] = set()
-    heads: ClassVar[dict[str, dict[str, str]]] = {}
-    hits: ClassVar[list[tuple[str, str]]] = []
-
-    def do_HEAD(self) -> None:
-        self.hits.append(("HEAD", self.path))
-        headers = self.heads.get(self.path.split("?")[0])
-        self.send_response(200 if headers else 404)
-        for name, value in (headers or {"Content-Length": "0"}).items():
-            self.send_header(name, value)
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        self.hits.append(("GET", self.path))
-        path = self.path.split("?")[0]
-        body = self.files.get(path)
-        if body is None:
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        self.send_response(200)
-        if path in self.unsized:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        else:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def served() -> Iterator[tuple[str, type[_Served]]]:
-    """A loopback HTTP server; tests fill the handler's ``files``/``heads`` and read its ``hits``."""
-    handler = type("Handler", (_Served,), {"files": {}, "unsized": set(), "heads": {}, "hits": []})
-    handler.protocol_version = "HTTP/1.0"
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 async def test_an_eps_url_never_reaches_ghostscript(
-    tmp_path: Path, tiny_model: Path, served: tuple[str, type[_Served]]
+    tmp_path: Path, tiny_model: Path, loopback_files: tuple[str, type[LoopbackFiles]]
 ) -> None:
-    base, handler = served
+    base, handler = loopback_files
     handler.files["/drawing.png"] = EPS
     path, record = _fake_ghostscript(tmp_path)
     env = _env(tmp_path, tiny_model, PATH=path, FLUX_MCP_ALLOW_PRIVATE_URLS="true")
@@ -177,9 +121,9 @@ async def test_hostile_lora_names_and_headers_get_clear_errors(tmp_path: Path, t
 
 
 async def test_a_hub_lora_above_the_cap_is_refused_before_downloading(
-    tmp_path: Path, tiny_model: Path, served: tuple[str, type[_Served]]
+    tmp_path: Path, tiny_model: Path, loopback_files: tuple[str, type[LoopbackFiles]]
 ) -> None:
-    base, handler = served
+    base, handler = loopback_files
     head = {"X-Repo-Commit": "a" * 40, "ETag": '"abc"', "Content-Length": str(900 * MIB)}
     handler.heads["/someone/big-lora/resolve/main/big.safetensors"] = head
     handler.files["/someone/big-lora/resolve/main/big.safetensors"] = b"\x00" * 4096
@@ -209,9 +153,9 @@ async def test_a_hub_lora_above_the_cap_is_refused_before_downloading(
 
 
 async def test_an_oversized_lora_stream_leaves_nothing_in_the_cache(
-    tmp_path: Path, tiny_model: Path, served: tuple[str, type[_Served]]
+    tmp_path: Path, tiny_model: Path, loopback_files: tuple[str, type[LoopbackFiles]]
 ) -> None:
-    base, handler = served
+    base, handler = loopback_files
     handler.files["/big.safetensors"] = b"\x00" * (3 * MIB)
     handler.unsized.add("/big.safetensors")  # no Content-Length: only counting the stream stops it
     env = _env(tmp_path, tiny_model, FLUX_MCP_ALLOW_PRIVATE_URLS="true", FLUX_MCP_MAX_LORA_MB="1")

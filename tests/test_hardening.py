@@ -9,18 +9,16 @@ import json
 import logging
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
 
 import pytest
 
 from flux_mcp.config import Settings
 from flux_mcp.redact import Redactor, install_log_scrubbing, public_url
 
-from .conftest import REPO, clean_env
+from .conftest import REPO, LoopbackFiles, clean_env
+from .test_http_auth import INIT
 
 KEY = "4f1c2a9e-77b0-4c55-9d1e-0a5b6c7d8e9f:9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d"
 
@@ -89,42 +87,13 @@ def _safetensors(size: int, fill: int) -> bytes:
     return len(header).to_bytes(8, "little") + header + bytes([fill]) * size
 
 
-class _Files(BaseHTTPRequestHandler):
-    files: ClassVar[dict[str, bytes]] = {}
-    gets: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        self.gets.append(self.path)
-        body = self.files[self.path.split("?")[0]]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def lora_server() -> Iterator[tuple[str, type[_Files]]]:
-    handler = type("Handler", (_Files,), {"files": {}, "gets": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.anyio
 async def test_lora_downloads_are_kept_once_per_content_and_bounded_by_bytes(
-    tmp_path: Path, lora_server: tuple[str, type[_Files]]
+    tmp_path: Path, loopback_files: tuple[str, type[LoopbackFiles]]
 ) -> None:
     from flux_mcp.backends.loras import LoraFiles
 
-    base, handler = lora_server
+    base, handler = loopback_files
     handler.files["/a.safetensors"] = _safetensors(600_000, 1)
     handler.files["/b.safetensors"] = _safetensors(600_000, 2)
     cache = tmp_path / "cache"
@@ -134,7 +103,7 @@ async def test_lora_downloads_are_kept_once_per_content_and_bounded_by_bytes(
     tuesday = await files.resolve(0, f"{base}/a.safetensors?token=tuesday")
     again = await LoraFiles(settings).resolve(0, f"{base}/a.safetensors?token=monday")  # another process
     assert monday.path == tuesday.path == again.path and monday.sha256 == tuesday.sha256
-    assert len(handler.gets) == 2  # each signed variant fetched once, its bytes kept once
+    assert len(handler.hits) == 2  # each signed variant fetched once, its bytes kept once
     assert [p.name for p in cache.glob("sha256-*")] == [monday.path.name]
     assert not any("monday" in p.read_text() for p in cache.glob("url-*.ref"))
     other = await files.resolve(1, f"{base}/b.safetensors")
@@ -166,18 +135,8 @@ def test_loaded_adapters_are_bounded_by_bytes(tmp_path: Path) -> None:
 
 
 def test_lines_that_are_not_json_rpc_get_an_error_answer(tmp_path: Path) -> None:
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {
-            "protocolVersion": "2025-06-18",
-            "capabilities": {},
-            "clientInfo": {"name": "t", "version": "1"},
-        },
-    }
     lines = [
-        json.dumps(init),
+        json.dumps(INIT),
         json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}),
         '{"jsonrpc":"2.0","id":2,"method":"ping","params":' + "[" * 100_000 + "]" * 100_000 + "}",
         '{"not": "json-rpc"}',
