@@ -48,6 +48,10 @@ class Redactor:
     def __call__(self, text: str) -> str:
         return text if self._pattern is None else self._pattern.sub(MASK, text)
 
+    def __bool__(self) -> bool:
+        """Whether there is anything to scrub (no secrets configured: nothing)."""
+        return self._pattern is not None
+
 
 def _pieces(secret: str) -> set[str]:
     """The secret, its lines and its ``:``-separated parts, and every FRAGMENT-long run of them."""
@@ -86,6 +90,8 @@ class _ScrubbingFormatter(logging.Formatter):
 def install_log_scrubbing(secrets: Iterable[str], handlers: Iterable[logging.Handler]) -> Redactor:
     """Scrub every log record of this process and every line ``handlers`` write."""
     redact = Redactor(secrets)
+    if not redact:
+        return redact
     make_record = logging.getLogRecordFactory()
 
     def scrubbed_record(*args: object, **kwargs: object) -> logging.LogRecord:

@@ -9,8 +9,10 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,16 +147,31 @@ def test_lines_that_are_not_json_rpc_get_an_error_answer(tmp_path: Path) -> None
     env = clean_env(
         FLUX_MCP_OUTPUT_DIR=str(tmp_path / "out"), FLUX_MCP_PRESETS=str(tmp_path / "presets.toml")
     )
-    done = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "flux_mcp"],
-        input="\n".join(lines) + "\n",
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         env=env,
         cwd=REPO,
-        capture_output=True,
         text=True,
-        timeout=120,
     )
-    answers = [json.loads(line) for line in done.stdout.splitlines()]
+    guard = threading.Timer(120, proc.kill)  # only against a hang: the loop below waits for answers
+    guard.start()
+    answers: list[dict[str, Any]] = []
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write("\n".join(lines) + "\n")
+        proc.stdin.flush()
+        while not answers or answers[-1].get("id") != 3:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            answers.append(json.loads(line))
+    finally:
+        guard.cancel()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(30)
     errors = [a["error"]["code"] for a in answers if "error" in a]
     assert errors == [-32700, -32600]
     assert [a.get("id") for a in answers] == [1, None, None, 3]  # and it kept serving
