@@ -5,7 +5,9 @@ like ``20261125-181500-1a2b3c4d`` (UTC time + random), sorts by time and is safe
 name. Writes are atomic: each file is written to a hidden temp file in the same folder, flushed and
 renamed into place; the sidecar is renamed last, so it is the commit marker — an image counts as
 stored only when its sidecar exists. ``sweep()`` (run at start) removes what a crashed or killed
-process left behind: temp files of dead processes and images whose sidecar never landed.
+process left behind: temp files of dead processes and images whose sidecar never landed. New files
+follow the user's umask (``write_atomic(mode=0o600)`` for files only the user may read); reads open
+regular files only and never follow a symlink planted in the folder.
 
 All methods block (file I/O); async callers run them in a worker thread.
 This module knows nothing about MCP, backends or presets.
