@@ -46,6 +46,7 @@ bench: install
 	$(PY) benchmarks/bench_local.py
 	$(PY) benchmarks/bench_cns.py
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_queue.py
 
 # The MCP conformance suite's generic server scenarios against `flux-mcp serve --http` (needs the npm
 # registry; Node 22 is installed locally into .node/). The other scenarios need the suite's own test tools.

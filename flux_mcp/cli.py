@@ -23,6 +23,7 @@ import anyio
 from . import __version__, doctor
 from .config import Settings
 from .errors import ConfigError, FluxMCPError
+from .redact import install_log_scrubbing
 from .schema import IMAGE_SIZE_PRESETS, CompareSeedsArgs, EditImageArgs, EditRequest
 
 __all__ = ["main"]
@@ -34,31 +35,13 @@ logger = logging.getLogger("flux_mcp")
 _SPECIAL = {"prompt", "image_urls", "loras", "image_size", "vary"}
 
 
-class _SecretFilter(logging.Filter):
-    """Replaces secret values (FAL_KEY, the HTTP token) in every log record that reaches a handler."""
-
-    def __init__(self, secrets: list[str]) -> None:
-        super().__init__()
-        self._secrets = [s for s in secrets if len(s) >= 4]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            text = record.getMessage()
-            if any(s in text for s in self._secrets):
-                for secret in self._secrets:
-                    text = text.replace(secret, "***")
-                record.msg, record.args = text, None
-        return True
-
-
 def _setup_logging(settings: Settings, verbose: bool = False) -> None:
+    """One stderr handler; every record of the process is scrubbed of secrets (``redact``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_SecretFilter(settings.secrets()))
     root = logging.getLogger()
-    for existing in root.handlers:
-        existing.addFilter(_SecretFilter(settings.secrets()))
     root.addHandler(handler)
+    install_log_scrubbing(settings.secrets(), root.handlers)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -127,8 +126,9 @@ SETTINGS: tuple[Setting, ...] = (
         "FLUX_MCP_INPUT_ROOTS",
         "input_roots",
         _paths,
-        "home dir, temp dir, output dir",
-        f"Folders (separated by '{os.pathsep}') local input paths may be read from; symlinks and '..' are resolved first.",
+        "home dir (and always the output dir)",
+        f"Folders (separated by '{os.pathsep}') local input paths (images, LoRA files) may be read from; "
+        "symlinks and '..' are resolved first. The shared temp dir is not allowed unless listed here.",
     ),
     Setting(
         "FLUX_MCP_PRESETS",
@@ -257,7 +257,25 @@ SETTINGS: tuple[Setting, ...] = (
         "max_input_megapixels",
         _float(0.01, 1000),
         "64",
-        "Largest input image in megapixels (checked before decoding; guards against decompression bombs).",
+        "Largest input image in megapixels, checked from the header before decoding (guards against "
+        "decompression bombs); the only pixel limit: Pillow's own is replaced by it.",
+    ),
+    Setting(
+        "FLUX_MCP_MAX_QUEUED_JOBS",
+        "max_queued_jobs",
+        _int(0, 1000),
+        "8",
+        "Local backend: most jobs waiting for the GPU behind the running one; more are refused at once "
+        "with a 'busy, N jobs ahead, try later' error.",
+    ),
+    Setting(
+        "FLUX_MCP_MAX_LOCAL_WORK",
+        "max_local_work",
+        _float(1, 1e7),
+        "450",
+        "Local backend: largest call in megapixel-steps (output megapixels x images x steps; 450 allows "
+        "eight 1024x1024 images at 50 steps, minutes on a 24 GB card); larger calls are refused before "
+        "queuing.",
     ),
     Setting(
         "FLUX_MCP_HTTP_TOKEN",
@@ -285,7 +303,23 @@ SETTINGS: tuple[Setting, ...] = (
         "max_lora_mb",
         _float(1, 16384),
         "2048",
-        "Local backend: largest LoRA file accepted, in MiB.",
+        "Local backend: largest LoRA file accepted, in MiB (checked before and while downloading).",
+    ),
+    Setting(
+        "FLUX_MCP_LORA_CACHE_MB",
+        "lora_cache_mb",
+        _float(1, 1e7),
+        "20480",
+        "Local backend: most MiB of downloaded LoRA files kept in FLUX_MCP_LORA_CACHE; the least "
+        "recently used go first.",
+    ),
+    Setting(
+        "FLUX_MCP_MAX_ADAPTER_MB",
+        "max_adapter_mb",
+        _float(1, 1e7),
+        "4096",
+        "Local backend: most MiB of LoRA files kept loaded in the model at once (besides a count of 8); "
+        "the least recently used are unloaded first.",
     ),
     Setting(
         "FLUX_MCP_FAL_REST_URL",
@@ -309,7 +343,7 @@ def _default_output_dir() -> Path:
 
 
 def _default_input_roots() -> tuple[Path, ...]:
-    return (Path.home(), Path(tempfile.gettempdir()))
+    return (Path.home(),)
 
 
 @dataclass(frozen=True)
@@ -338,10 +372,14 @@ class Settings:
     max_download_mb: float = 64.0
     max_input_mb: float = 32.0
     max_input_megapixels: float = 64.0
+    max_queued_jobs: int = 8
+    max_local_work: float = 450.0
     http_token: str = field(default="", repr=False)
     allow_private_urls: bool = False
     lora_cache: Path = field(default_factory=lambda: Path(user_cache_dir(APP)) / "loras")
     max_lora_mb: float = 2048.0
+    lora_cache_mb: float = 20480.0
+    max_adapter_mb: float = 4096.0
     fal_rest_url: str = ""
     fal_cdn_url: str = ""
 

@@ -106,7 +106,7 @@ class JobManager:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[JobManager]:
         def prepare() -> None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             sweep_partial(self.root)
 
         await anyio.to_thread.run_sync(prepare)
@@ -334,7 +334,9 @@ class JobManager:
         file never goes back to an older state."""
         async with job.save_lock:
             data = job.record.model_dump_json(indent=2).encode()
-            await anyio.to_thread.run_sync(write_atomic, self.root / f"{job.id}.json", data)
+            await anyio.to_thread.run_sync(
+                write_atomic, self.root / f"{job.id}.json", data, 0o600
+            )  # this user alone
 
 
 async def _safe(listener: ProgressFn, value: float, total: float | None, message: str) -> None:

@@ -50,6 +50,7 @@ from .errors import BackendError, BackendTimeout, InvalidRequest
 __all__ = [
     "PRIVATE_URLS_SETTING",
     "Resolver",
+    "Sink",
     "check_address",
     "fetch_url",
     "resolve_and_check",
@@ -60,6 +61,8 @@ PRIVATE_URLS_SETTING = "FLUX_MCP_ALLOW_PRIVATE_URLS"
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 """``async (host, port) -> addresses``: how a host name becomes IP addresses (tests inject their own)."""
+Sink = Callable[[bytes], Awaitable[None]]
+"""``async (chunk) -> None``: receives a downloaded body chunk by chunk (``fetch_url(sink=...)``)."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -339,6 +342,7 @@ class _Fetch:
     ssl_context: ssl.SSLContext | None
     resolver: Resolver | None
     network_backend: httpcore.AsyncNetworkBackend
+    sink: Sink | None = None
 
     def refuse(self, hop: httpx.URL, reason: str) -> InvalidRequest:
         # Identity, not equality: a redirect back to the first URL is still reported as a redirect.
@@ -388,10 +392,15 @@ async def _fetch_hop(job: _Fetch, hop: httpx.URL) -> tuple[bytes, str | None] | 
             if declared.isdigit() and int(declared) > job.max_bytes:
                 raise job.too_big(hop)
             body = bytearray()
+            received = 0
             async for chunk in response.aiter_stream():
-                body += chunk
-                if len(body) > job.max_bytes:
+                received += len(chunk)
+                if received > job.max_bytes:  # the header may be missing or wrong: count what arrives
                     raise job.too_big(hop)
+                if job.sink is None:
+                    body += chunk
+                else:
+                    await job.sink(chunk)
             return bytes(body), found.get("content-type")
     except (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError) as exc:
         raise BackendError(
@@ -436,6 +445,7 @@ async def fetch_url(
     ssl_context: ssl.SSLContext | None = None,
     resolver: Resolver | None = None,
     network_backend: httpcore.AsyncNetworkBackend | None = None,
+    sink: Sink | None = None,
 ) -> tuple[bytes, str | None]:
     """Download ``url`` through the guard; return ``(body, content type)``.
 
@@ -444,6 +454,8 @@ async def fetch_url(
     ``what``, ``size_setting`` and ``timeout_setting`` only shape messages; ``field`` is put on the
     InvalidRequest errors. ``ssl_context`` replaces the default CA bundle (certifi). ``resolver`` and
     ``network_backend`` replace getaddrinfo and the socket layer (tests use them to stay on loopback).
+    ``sink``, when given, receives the body chunk by chunk (e.g. into a file; the size cap still
+    applies) and the returned body is empty: large files never sit in memory.
 
     Raises InvalidRequest (refused scheme, address, suffix, size or redirect count), BackendError
     (connection failure, HTTP 3xx without Location, 4xx, 5xx) or BackendTimeout (past ``timeout_s``).
@@ -472,6 +484,7 @@ async def fetch_url(
         ssl_context=ssl_context,
         resolver=resolver,
         network_backend=network_backend or httpcore.AnyIOBackend(),
+        sink=sink,
     )
     hop = parsed
     try:

@@ -406,8 +406,11 @@ def serve(settings: Settings, *, http: bool, host: str, port: int, path: str, al
 
 
 def serve_stdio(settings: Settings) -> None:
-    """Serve MCP over stdio (what Claude Desktop and most hosts start)."""
-    build_server(settings).run("stdio")
+    """Serve MCP over stdio (what Claude Desktop and most hosts start); a line that is not JSON-RPC gets
+    a JSON-RPC error instead of silence (``stdio``)."""
+    from . import stdio
+
+    anyio.run(stdio.serve_stdio, build_server(settings))
 
 
 def serve_http(settings: Settings, *, host: str, port: int, path: str, allow_hosts: list[str]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import secrets
 import threading
 import time
@@ -45,6 +44,7 @@ from .errors import CostLimitExceeded, FluxMCPError, InvalidRequest
 from .grid import expand
 from .presets import LoraEntry, Preset, PresetLibrary, apply_preset, describe_validation_error
 from .process import process_effects
+from .redact import public_url
 from .results import (
     CompareOutcome,
     CompareOutput,
@@ -530,21 +530,14 @@ def _validation_message(exc: ValidationError, preset: Preset | None) -> str:
     return text + "."
 
 
-_DATA_URI_HEAD = re.compile(r"^(data:[^,]{0,100},)(.*)$", re.S)
-
-
 def public_params(request: EditRequest) -> dict[str, Any]:
-    """The effective request for results and sidecars, with data URIs shortened (no base64 in results)."""
+    """The effective request for results, sidecars and job files: URLs without their query (signed
+    tokens), data URIs without their payload (``redact.public_url``)."""
     params = request.model_dump(mode="json")
-    params["image_urls"] = [_shorten(u) for u in params["image_urls"]]
+    params["image_urls"] = [public_url(u) for u in params["image_urls"]]
+    for lora in params["loras"]:
+        lora["path"] = public_url(lora["path"])
     return params
-
-
-def _shorten(url: str) -> str:
-    match = _DATA_URI_HEAD.match(url)
-    if not match:
-        return url
-    return f"{match.group(1)}<{len(match.group(2)) * 3 // 4} bytes omitted>"
 
 
 def _image_out(stored: StoredFile) -> ImageOut:

@@ -5,7 +5,9 @@ like ``20261125-181500-1a2b3c4d`` (UTC time + random), sorts by time and is safe
 name. Writes are atomic: each file is written to a hidden temp file in the same folder, flushed and
 renamed into place; the sidecar is renamed last, so it is the commit marker — an image counts as
 stored only when its sidecar exists. ``sweep()`` (run at start) removes what a crashed or killed
-process left behind: temp files of dead processes and images whose sidecar never landed.
+process left behind: temp files of dead processes and images whose sidecar never landed. New files
+follow the user's umask (``write_atomic(mode=0o600)`` for files only the user may read); reads open
+regular files only and never follow a symlink planted in the folder.
 
 All methods block (file I/O); async callers run them in a worker thread.
 This module knows nothing about MCP, backends or presets.
@@ -14,10 +16,12 @@ This module knows nothing about MCP, backends or presets.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +36,7 @@ __all__ = [
     "ResultStore",
     "StoredFile",
     "image_uri",
+    "read_regular",
     "sweep_partial",
     "write_atomic",
 ]
@@ -40,6 +45,8 @@ ID_PATTERN = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 _CONTENT_TYPES = {ext: ct for ct, ext in EXTENSIONS.items()}
 _TMP_PREFIX = ".tmp-"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 #: An image without a sidecar older than this is a leftover of a crash, not a write in progress.
 _ORPHAN_AGE_S = 60.0
 
@@ -112,22 +119,24 @@ class ResultStore:
                 f"{image_id!r} is not an image id (ids look like 20261125-181500-1a2b3c4d; "
                 "use the id or flux://images/<id> from an earlier result)."
             )
-        sidecar_path = self._sidecar_path(image_id)
         try:
-            record = json.loads(sidecar_path.read_text("utf-8"))
+            record = json.loads(read_regular(self._sidecar_path(image_id)).decode("utf-8"))
         except FileNotFoundError:
             raise NotFound(f"No stored image has the id {image_id} in {self.root}.") from None
         except (OSError, ValueError) as exc:
-            raise NotFound(f"The sidecar of image {image_id} cannot be read: {exc}") from exc
-        path = self.root / str(record.get("file", ""))
+            raise NotFound(f"The sidecar of image {image_id} cannot be read ({_reason(exc)}).") from None
+        path = self.root / str(record.get("file", "")) if isinstance(record, dict) else self.root
         content_type = _CONTENT_TYPES.get(path.suffix)
-        if path.parent != self.root or content_type is None or not path.is_file():
+        if path.parent != self.root or content_type is None or not path.is_file() or path.is_symlink():
             raise NotFound(f"The file of image {image_id} is missing from {self.root}.")
         return StoredFile(image_id, path, content_type, record)
 
     def read(self, image_id: str) -> tuple[bytes, StoredFile]:
         stored = self.lookup(image_id)
-        return stored.path.read_bytes(), stored
+        try:
+            return read_regular(stored.path), stored
+        except OSError as exc:
+            raise NotFound(f"The file of image {image_id} cannot be read ({_reason(exc)}).") from None
 
     def sweep(self) -> int:
         """Remove leftovers of crashed writers; returns how many files went."""
@@ -150,21 +159,41 @@ class ResultStore:
         return self.root / f"{image_id}.json"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    os.replace(_write_temp(path, data), path)
+def write_atomic(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
+
+    ``mode`` is filtered by the umask like any new file (0o600: readable by this user alone).
+    """
+    os.replace(_write_temp(path, data, mode), path)
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
-    """``data`` flushed to a hidden temp file beside ``path`` (named after this process, for sweeping)."""
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file; a symlink or a FIFO planted there raises OSError."""
+    descriptor = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | getattr(os, "O_BINARY", 0))
+    with os.fdopen(descriptor, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return stream.read()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "it is a symlink, which the store does not follow"
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+
+
+def _write_temp(path: Path, data: bytes, mode: int = 0o666) -> Path:
+    """``data`` flushed to a hidden temp file beside ``path`` (named after this process, for sweeping).
+
+    Created with ``mode`` minus the umask: results follow the user's umask like any file they save.
+    """
     tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
     try:
-        with open(tmp, "xb") as fh:
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), mode)
+        with os.fdopen(descriptor, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        # Results are meant to be opened by the user's other apps; mkstemp-style 0600 is too tight.
-        os.chmod(tmp, 0o644)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -14,12 +14,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -239,3 +241,56 @@ def emulator() -> Iterator[Any]:
 
     with FalEmulator() as emu:
         yield emu
+
+
+class LoopbackFiles(BaseHTTPRequestHandler):
+    """Serves ``files`` (path -> bytes; no Content-Length for paths in ``unsized``; HEAD answers from
+    ``heads``) on loopback and records every request in ``hits`` as (method, path)."""
+
+    files: ClassVar[dict[str, bytes]] = {}
+    unsized: ClassVar[set[str]] = set()
+    heads: ClassVar[dict[str, dict[str, str]]] = {}
+    hits: ClassVar[list[tuple[str, str]]] = []
+
+    def do_HEAD(self) -> None:
+        self.hits.append(("HEAD", self.path))
+        headers = self.heads.get(self.path.split("?")[0])
+        self.send_response(200 if headers else 404)
+        for name, value in (headers or {"Content-Length": "0"}).items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        self.hits.append(("GET", self.path))
+        path = self.path.split("?")[0]
+        body = self.files.get(path)
+        if body is None:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        if path in self.unsized:
+            self.close_connection = True
+        else:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def loopback_files() -> Iterator[tuple[str, type[LoopbackFiles]]]:
+    """A loopback HTTP server: (base URL, handler class); fill its ``files``/``heads``, read its ``hits``."""
+    handler = type("Handler", (LoopbackFiles,), {"files": {}, "unsized": set(), "heads": {}, "hits": []})
+    handler.protocol_version = "HTTP/1.0"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()

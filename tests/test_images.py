@@ -136,3 +136,24 @@ def test_previews_are_small_jpegs_and_the_sheet_has_a_cell_per_seed() -> None:
         assert img.size == (3 * 128, 128 + 22)
         # the failed cell is outlined in red
         assert img.getpixel((128 + 4, 64))[0] > 200
+
+
+@pytest.mark.anyio
+async def test_one_pixel_limit_the_setting_not_pillows(tmp_path: Path) -> None:
+    """A valid 95 MP PNG passes with FLUX_MCP_MAX_INPUT_MEGAPIXELS=100 (Pillow alone refuses it at
+    89.5 MP), and refusals quote the setting that refused, with the image's size."""
+    big = Image.new("1", (9747, 9747), 1)  # 95.0 MP; mode "1" keeps the file and the test small
+    out = io.BytesIO()
+    big.save(out, format="PNG")
+    settings = Settings(output_dir=tmp_path / "out", input_roots=(tmp_path,), max_input_megapixels=100)
+    store = ResultStore(settings.output_dir)
+    (resolved,) = await resolve_inputs([data_uri(out.getvalue())], settings, store)
+    assert resolved.size == (9747, 9747)
+    strict = Settings(output_dir=tmp_path / "out", input_roots=(tmp_path,), max_input_megapixels=90)
+    with pytest.raises(
+        InputImageError, match=r"9747x9747 pixels, above the 90 MP limit \(FLUX_MCP_MAX_INPUT_MEGAPIXELS\)"
+    ):
+        await resolve_inputs([data_uri(out.getvalue())], strict, store)
+    generous = Settings(output_dir=tmp_path / "out", input_roots=(tmp_path,), max_input_megapixels=1000)
+    with pytest.raises(InputImageError, match=r"damaged or truncated"):  # past Pillow's 2x limit: our check
+        await resolve_inputs([data_uri(_png_header_only(15000, 15000))], generous, store)

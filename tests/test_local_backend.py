@@ -402,8 +402,9 @@ async def test_lora_url_is_downloaded_once_and_cached(
     second = await edit(make_backend(allow_private_urls=True), request(loras=[{"path": url}]))
     assert hits == {"/loras/served.safetensors": 1}
     assert max_diff(first.images[0].data, second.images[0].data) == 0
-    cached = list((tmp_path / "lora-cache").iterdir())
-    assert len(cached) == 1 and cached[0].name.startswith("url-") and cached[0].suffix == ".safetensors"
+    cached = sorted(p.name for p in (tmp_path / "lora-cache").iterdir())
+    assert len(cached) == 2 and cached[0].startswith("sha256-") and cached[0].endswith(".safetensors")
+    assert cached[1].startswith("url-") and cached[1].endswith(".ref")  # the URL's hash -> the content
     assert first.details["loras"][0]["path"] == url.split("?")[0]  # the query (a token) is never shown
 
 

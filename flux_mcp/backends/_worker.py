@@ -3,7 +3,8 @@
 The local backend runs its blocking work (loading a model, a denoising run) in worker threads and
 holds one accelerator that only one job may use at a time. This module holds the generic parts:
 
-- ``GpuQueue``: one job at a time, first come first served; waiting callers hear their place in line;
+- ``GpuQueue``: one job at a time, first come first served; waiting callers hear their place in line,
+  and a full line (FLUX_MCP_MAX_QUEUED_JOBS) refuses newcomers at once;
 - ``notifier``: progress reported from a worker thread, sent to the loop, never going backwards;
 - ``finish_in_thread``: run a function in a worker thread to its end; when the awaiting task is
   cancelled, set a ``threading.Event`` the function polls, wait for the thread, and re-raise;
@@ -14,8 +15,8 @@ A thread's error is carried out of the task group as a value and raised after it
 unwrapped (no ExceptionGroup).
 
 Threads are waited for, never abandoned: the next job needs the device free. This module knows
-nothing about diffusers, torch, the request model or the result store: only anyio and the
-``Progress`` callback type.
+nothing about diffusers, torch, the request model or the result store: only anyio, the error tree
+and the ``Progress`` callback type.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import anyio.from_thread
 import anyio.lowlevel
 import anyio.to_thread
 
+from ..errors import BackendUnavailable
 from . import Progress
 
 __all__ = ["GpuQueue", "finish_in_thread", "notifier", "quiet", "with_heartbeat"]
@@ -41,14 +43,32 @@ _Outcome = tuple[bool, Any]
 
 
 class GpuQueue:
-    """One GPU job at a time, first come first served; waiting callers hear their place in line."""
+    """One GPU job at a time, first come first served; waiting callers hear their place in line.
 
-    def __init__(self) -> None:
+    At most ``max_waiting`` jobs may wait behind the running one (None: no bound); past that a
+    caller is refused at once with a "busy, N jobs ahead, try later" error instead of joining a
+    line that holds its inputs in memory for as long as the jobs ahead take.
+    """
+
+    def __init__(self, max_waiting: int | None = None) -> None:
         self._line: list[object] = []  # [the running job, then the waiting ones]
         self._moved: anyio.Event | None = None
+        self._max_waiting = max_waiting
+
+    def check_room(self) -> None:
+        """Raise BackendUnavailable when the line is full (callers check before doing costly work)."""
+        waiting = max(len(self._line) - 1, 0)
+        if self._max_waiting is not None and waiting >= self._max_waiting:
+            raise BackendUnavailable(
+                f"the local GPU is busy: {len(self._line)} job(s) ahead of this one ({waiting} waiting, the "
+                f"most FLUX_MCP_MAX_QUEUED_JOBS={self._max_waiting} allows). Try again later."
+            )
 
     @contextlib.asynccontextmanager
-    async def turn(self, progress: Progress, total: int) -> AsyncIterator[None]:
+    async def turn(self, progress: Progress, total: int, *, limited: bool = True) -> AsyncIterator[None]:
+        """Wait for the GPU; ``limited`` callers are refused when the line is full (see check_room)."""
+        if limited:
+            self.check_room()  # no await between the check and joining the line
         ticket = object()
         self._line.append(ticket)
         try:

@@ -17,10 +17,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from PIL import Image
 from platformdirs import user_cache_dir
 
+from .. import media
 from ..config import APP, Settings
+from ..imagecheck import max_input_pixels
 from . import cns
 from .local import load_pipeline
 
@@ -47,8 +48,7 @@ def calibrate(
     started = time.perf_counter()
     pipe = load_pipeline(settings)
     if image is not None:
-        with Image.open(image) as opened:
-            reference = opened.convert("RGB")
+        reference = media.decode_rgb(image.read_bytes(), max_input_pixels(settings))
     else:
         from .tiny import make_example_image
 

@@ -18,9 +18,7 @@ This module knows nothing about MCP, presets or the result store, and never impo
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import logging
 import math
@@ -38,9 +36,9 @@ import anyio
 import fal_client
 import fal_client.client
 import httpx
-from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 
+from .. import media
 from ..config import Settings
 from ..errors import (
     BackendError,
@@ -50,7 +48,8 @@ from ..errors import (
     InvalidRequest,
     JobFailed,
 )
-from ..schema import ENDPOINT_ID, EditRequest, EditResult, ImageFile
+from ..redact import Redactor, public_url
+from ..schema import ENDPOINT_ID, MAX_SIDE, EditRequest, EditResult, ImageFile
 from . import (
     BackendResult,
     CostEstimate,
@@ -88,6 +87,8 @@ UPLOAD_TTL_S = 3600.0
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=60.0)
 RESULT_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
 MAX_DETAIL_CHARS = 500
+#: fal's outputs (and our inputs) are at most MAX_SIDE x MAX_SIDE pixels.
+RESULT_MAX_PIXELS = MAX_SIDE * MAX_SIDE
 _STEP = re.compile(r"(\d+)\s*/\s*(\d+)")
 
 _T = TypeVar("_T")
@@ -113,7 +114,8 @@ class FalBackend:
         )
         self._slots = anyio.Semaphore(settings.fal_concurrency)
         self._uploads = _UploadCache()
-        self._secrets = _secret_parts(settings.fal_key)
+        self._redact = Redactor([settings.fal_key])
+        self._input_pixels = int(settings.max_input_megapixels * 1_000_000)
 
     def capabilities(self) -> dict[str, Any]:
         return {
@@ -142,6 +144,8 @@ class FalBackend:
     ) -> list[RunOutcome]:
         """Every run as its own fal job, all at once within the backend's slots; inputs uploaded once."""
         self._require_key()
+        for request in runs:
+            _refuse_local_loras(request)
         started = time.monotonic()
         image_urls = await self._input_urls(inputs)
         upload_s = round(time.monotonic() - started, 3)
@@ -344,9 +348,12 @@ class FalBackend:
                 raise InvalidRequest(
                     f"Input {item.source!r} has neither a URL nor image data.", field="image_urls"
                 )
-            data, content_type = item.data, item.content_type or "image/png"
+            # fal's CDN is public: EXIF (GPS, owner, serial numbers), XMP and comments stay here.
+            data, content_type = await anyio.to_thread.run_sync(
+                media.strip_metadata, item.data, item.content_type or "image/png", self._input_pixels
+            )
             if self._settings.fal_upload == "data-uri":
-                return await anyio.to_thread.run_sync(_data_uri, data, content_type)
+                return await anyio.to_thread.run_sync(media.data_uri, data, content_type)
             return await self._uploads.url(
                 data,
                 content_type,
@@ -363,8 +370,10 @@ class FalBackend:
         async def fetch(index: int, image: ImageFile) -> GeneratedImage:
             data = await self._download(index, count, image.url)
             try:
-                content_type, width, height = await anyio.to_thread.run_sync(_probe, data)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                content_type, width, height = await anyio.to_thread.run_sync(
+                    media.probe, data, RESULT_MAX_PIXELS
+                )
+            except media.MediaError as exc:
                 raise BackendError(
                     f"Output image {index + 1} of {count} from fal is not a readable image "
                     f"({type(exc).__name__})."
@@ -377,7 +386,7 @@ class FalBackend:
                 height=height,
                 seed=output.seed + index,
                 nsfw=nsfw,
-                source_url=None if image.url.startswith("data:") else image.url,
+                source_url=None if image.url.startswith("data:") else public_url(image.url),
             )
 
         return await _gather([partial(fetch, index, image) for index, image in enumerate(output.images)])
@@ -503,8 +512,7 @@ class FalBackend:
 
     def _scrub(self, text: str) -> str:
         """Server text, shortened, with any piece of the key blanked out."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
+        text = self._redact(text)
         return text if len(text) <= MAX_DETAIL_CHARS else text[:MAX_DETAIL_CHARS] + "…"
 
 
@@ -673,12 +681,6 @@ def _retry_after_s(header: str | None) -> float | None:
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
-def _secret_parts(key: str) -> list[str]:
-    """The key and, for 'id:secret' keys, each part long enough to be recognisable."""
-    parts = [key, *key.split(":")] if key else []
-    return sorted({p for p in parts if len(p) >= 6}, key=len, reverse=True)
-
-
 def _json_or_none(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -694,24 +696,24 @@ def _too_big(which: str, size: int, limit: int) -> BackendError:
     )
 
 
-def _data_uri(data: bytes, content_type: str) -> str:
-    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+def _refuse_local_loras(request: EditRequest) -> None:
+    """fal cannot read this machine's files: a local path or file:// would reach it as a string."""
+    for index, lora in enumerate(request.loras):
+        path = lora.path.strip()
+        if path.lower().startswith(("/", "~", ".", "\\", "file:")) or re.match(r"^[a-z]:[\\/]", path, re.I):
+            field = f"loras.{index}.path"
+            raise InvalidRequest(
+                f"{field}: {path[:120]!r} is a file on this machine, which the hosted endpoint cannot read. "
+                "Give an https URL of the .safetensors file (e.g. its Hugging Face 'resolve' URL), or run "
+                "locally with FLUX_MCP_BACKEND=local.",
+                field=field,
+            )
 
 
 def _decode_data_uri(url: str, limit: int, which: str) -> bytes:
-    header, _, encoded = url.partition(",")
-    if ";base64" not in header:
-        raise BackendError(f"{which} is a data URI without base64 data.")
-    if len(encoded) * 3 // 4 > limit:
-        raise _too_big(which, len(encoded) * 3 // 4, limit)
     try:
-        return base64.b64decode(encoded, validate=True)
-    except ValueError:
-        raise BackendError(f"{which} is a data URI with broken base64 data.") from None
-
-
-def _probe(data: bytes) -> tuple[str, int, int]:
-    """(MIME type, width, height) from the image header, without decoding the pixels."""
-    with Image.open(io.BytesIO(data)) as image:
-        mime = Image.MIME.get(image.format or "", "application/octet-stream")
-        return mime, image.width, image.height
+        return media.decode_data_uri(url, limit)[1]
+    except media.DataTooLarge as exc:
+        raise _too_big(which, exc.size, limit) from None
+    except media.MediaError as exc:
+        raise BackendError(f"{which} is {exc}.") from None

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import math
 import secrets
 import threading
@@ -67,13 +66,14 @@ from typing import Any
 
 import anyio.to_thread
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from platformdirs import user_cache_dir
 
-from .. import netguard
+from .. import media, netguard
 from ..config import APP, Settings
 from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
-from ..images import check_image_bytes
+from ..imagecheck import check_image_bytes, max_input_pixels
+from ..limits import check_local_work
 from ..schema import MAX_SEED, EditRequest, image_seeds, output_size
 from . import (
     BackendResult,
@@ -129,7 +129,7 @@ class LocalBackend:
         self.settings = settings
         self.endpoint = settings.model
         self._engine: _Engine | None = None
-        self._gpu = GpuQueue()
+        self._gpu = GpuQueue(settings.max_queued_jobs)
         self._lora_files = LoraFiles(settings)
 
     def capabilities(self) -> dict[str, Any]:
@@ -186,7 +186,7 @@ class LocalBackend:
         raise BackendUnavailable("the local backend cannot resume runs after a restart; run the call again")
 
     async def aclose(self) -> None:
-        async with self._gpu.turn(quiet, 0):
+        async with self._gpu.turn(quiet, 0, limited=False):
             engine, self._engine = self._engine, None
             if engine is not None:
                 await anyio.to_thread.run_sync(engine.close)
@@ -201,12 +201,15 @@ class LocalBackend:
         total = request.num_inference_steps
         timings: dict[str, float] = {}
 
-        # 1. Check the request
+        # 1. Check the request, the work it asks for and the room in the GPU queue
         notes = self._check(request, inputs)
+        check_local_work(request, inputs[0].size, len(seeds), self.settings)
+        self._gpu.check_room()
 
-        # 2. Inputs and LoRA files (network and disk; the GPU is not held yet)
+        # 2. Inputs and LoRA files (network and disk; the GPU is not held yet). Inputs stay encoded
+        # while the job waits: decoded, a 64 MP input would hold ~200 MB per queued job.
         await progress(0, total, "reading the input images")
-        references = await self._decode_inputs(inputs)
+        encoded_inputs = await self._fetch_inputs(inputs)
         loras = [
             (await self._lora_files.resolve(i, lora.path), lora.scale) for i, lora in enumerate(request.loras)
         ]
@@ -216,6 +219,7 @@ class LocalBackend:
         waited = time.perf_counter()
         async with self._gpu.turn(progress, total):
             timings["queue"] = time.perf_counter() - waited
+            references = await anyio.to_thread.run_sync(_decode_all, encoded_inputs, self.settings)
             engine = await self._loaded_engine(progress, total, timings)
             width, height, size_note = _output_size(request, references[0].size, engine.multiple)
             notes += [size_note] if size_note else []
@@ -260,7 +264,8 @@ class LocalBackend:
         ]  # fmt: skip
         return [note for applies, note in candidates if applies]
 
-    async def _decode_inputs(self, inputs: list[InputImage]) -> list[Image.Image]:
+    async def _fetch_inputs(self, inputs: list[InputImage]) -> list[bytes]:
+        """Each input's checked, still encoded bytes (URLs fetched through netguard)."""
         images = []
         for index, item in enumerate(inputs):
             field_name = f"image_urls.{index}"
@@ -279,10 +284,13 @@ class LocalBackend:
                     size_setting="FLUX_MCP_MAX_INPUT_MB",
                     field=field_name,
                 )
-                data, *_ = await anyio.to_thread.run_sync(
+                data, _, width, height = await anyio.to_thread.run_sync(
                     check_image_bytes, data, "the downloaded image", field_name, self.settings
                 )
-            images.append(await anyio.to_thread.run_sync(_decode_reference, data, field_name))
+                item = InputImage(source=item.source, data=data, width=width, height=height)
+            if item.size is not None:
+                _check_reference_size(*item.size, field_name)
+            images.append(data)
         return images
 
     async def _loaded_engine(self, progress: Progress, total: int, timings: dict[str, float]) -> _Engine:
@@ -337,7 +345,7 @@ class _Engine:
         self.cns_scheduler: Any = None
         #: The calibrated CNS gamma matrix of this model, re-read when its file changes (``cns.GammaCache``).
         self.gamma_cache: Any = None
-        self.adapters = AdapterCache()
+        self.adapters = AdapterCache(max_bytes=int(settings.max_adapter_mb * _MIB))
         sequential = settings.offload == "sequential"
         self.compiler = CompiledBlocks(
             None if sequential else compile_backend(settings, device.type == "cuda")
@@ -671,36 +679,31 @@ def _output_size(request: EditRequest, first: tuple[int, int], multiple: int) ->
     return out_w, out_h, note
 
 
-def _decode_reference(data: bytes, field_name: str) -> Image.Image:
+def _decode_all(encoded: list[bytes], settings: Settings) -> list[Image.Image]:
+    return [_decode_reference(data, f"image_urls.{i}", settings) for i, data in enumerate(encoded)]
+
+
+def _decode_reference(data: bytes, field_name: str, settings: Settings) -> Image.Image:
     """An RGB image the pipeline accepts (each side >= 64 px, aspect at most 8:1)."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            image = ImageOps.exif_transpose(opened) or opened
-            image.load()
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
+        image = media.decode_rgb(data, max_input_pixels(settings))  # transparent areas become white
+    except media.MediaError as exc:
         raise InputImageError(
             f"{field_name}: the image cannot be decoded ({exc}).", field=field_name
         ) from None
-    if image.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, "white")
-        image.paste(rgba, mask=rgba.getchannel("A"))  # transparent areas become white, not black
-    image = image.convert("RGB")
-    width, height = image.size
+    _check_reference_size(*image.size, field_name)
+    return image
+
+
+def _check_reference_size(width: int, height: int, field_name: str) -> None:
     if min(width, height) < _MIN_SIDE or max(width, height) / min(width, height) > _MAX_ASPECT:
         raise InputImageError(
             f"{field_name}: the image is {width}x{height}; FLUX.2 [klein] needs each side to be at least "
             f"{_MIN_SIDE} px and an aspect ratio of at most 8:1.",
             field=field_name,
         )
-    return image
 
 
 def _encode_all(images: list[Image.Image], output_format: str) -> list[bytes]:
     pil_format, options = _SAVE_AS[output_format]
-    encoded = []
-    for image in images:
-        out = io.BytesIO()
-        image.save(out, format=pil_format, **options)
-        encoded.append(out.getvalue())
-    return encoded
+    return [media.encode(image, pil_format, **options) for image in images]

@@ -4,12 +4,14 @@
 side; its blocking parts run in worker threads). A path is one of:
 
 - a local file, inside the folders the server may read (FLUX_MCP_INPUT_ROOTS, the output dir and
-  FLUX_MCP_LORA_CACHE);
-- an http(s) URL, downloaded once through ``netguard.fetch_url`` (address guard, FLUX_MCP_MAX_LORA_MB
-  cap) into FLUX_MCP_LORA_CACHE under a name made from the URL's hash, written atomically, so later
-  requests (and other server processes) reuse it;
+  FLUX_MCP_LORA_CACHE), checked and hashed through one descriptor by ``pathguard``;
+- an http(s) URL, streamed through ``netguard.fetch_url`` (address guard, FLUX_MCP_MAX_LORA_MB cap
+  from Content-Length and while streaming) straight to disk into ``lora_cache.LoraCache``: kept by
+  content, bounded by FLUX_MCP_LORA_CACHE_MB, a refused download leaves nothing; later requests
+  (and other server processes) reuse it;
 - a Hugging Face repo id, ``owner/name`` or ``owner/name/path/file.safetensors``, fetched with
-  huggingface_hub's ``hf_hub_download`` (its cache, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply).
+  huggingface_hub's ``hf_hub_download`` (its cache, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply) after
+  the Hub said its size is within FLUX_MCP_MAX_LORA_MB.
 
 Safety: pickle formats (.bin, .pt, .pth, .ckpt, .pkl) can run code when loaded and are refused by
 name; and whatever its name says, a file must parse as safetensors by its content (the header is
@@ -18,7 +20,7 @@ loader; neither ever unpickles).
 
 ``AdapterCache`` owns the adapters inside the pipeline (GPU worker thread only): one adapter per
 distinct file content, named by the content hash, the least recently used evicted beyond
-``capacity``. After each load it checks that the adapter really reached the model (diffusers only
+``capacity`` adapters or ``max_bytes`` of LoRA files (FLUX_MCP_MAX_ADAPTER_MB). After each load it checks that the adapter really reached the model (diffusers only
 logs a warning when no key matches) and removes a half-loaded one. Per request it activates exactly
 that request's adapters with their scales, or switches LoRA off, so a LoRA never leaks into the
 next request.
@@ -32,19 +34,20 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.to_thread
 
 from .. import netguard
 from ..errors import BackendError, BackendUnavailable, InvalidRequest
+from ..pathguard import GuardedPath, open_inside
+from .lora_cache import LoraCache
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +77,8 @@ class LoraFile:
     label: str
     #: The request field it came from, e.g. ``loras.1.path``.
     field: str
+    #: Bytes on disk (what an adapter costs, roughly, once loaded).
+    size: int = 0
 
     @property
     def adapter_name(self) -> str:
@@ -90,68 +95,78 @@ class LoraFiles:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._max_bytes = int(settings.max_lora_mb * _MIB)
+        self._hashes: dict[tuple[int, int, int, int], str] = {}
         self._download_locks: dict[str, anyio.Lock] = {}
+        self._cache = LoraCache(settings.lora_cache, int(settings.lora_cache_mb * _MIB))
 
     async def resolve(self, index: int, raw: str) -> LoraFile:
         """The file behind ``loras[index].path``; InvalidRequest (naming the field) when unusable."""
         field = f"loras.{index}.path"
         text = raw.strip()
         if text.lower().startswith(("http://", "https://")):
-            path, label = await self._download(text, field)
+            path, label, digest = await self._download(text, field)
         elif await anyio.to_thread.run_sync(_is_local, text):
-            path, label = await anyio.to_thread.run_sync(self._local, text, field)
+            path, label, digest = await anyio.to_thread.run_sync(self._local, text, field)
         elif _REPO_ID.match("/".join(text.split("/")[:2])):
             path, label = await anyio.to_thread.run_sync(self._from_hub, text, field)
+            digest = await anyio.to_thread.run_sync(self._verify, path, label, field)
         else:
             raise InvalidRequest(
                 f"{field}: {text!r} is neither an existing local file, an https URL nor a Hugging Face "
                 "repo id (owner/name or owner/name/file.safetensors).",
                 field=field,
             )
-        digest = await anyio.to_thread.run_sync(self._verify, path, label, field)
-        return LoraFile(path=path, sha256=digest, label=label, field=field)
+        size = await anyio.to_thread.run_sync(lambda: path.stat().st_size)
+        return LoraFile(path=path, sha256=digest, label=label, field=field, size=size)
 
     # -- the three sources ----------------------------------------------------------------------
 
-    def _local(self, text: str, field: str) -> tuple[Path, str]:
-        if text.lower().startswith("file://"):
-            text = unquote(urlsplit(text).path)
-        path = Path(text).expanduser().resolve()
-        _refuse_pickle(path.name, path.name, field)
-        roots = [
-            r.expanduser().resolve() for r in (*self._settings.allowed_input_roots, self._settings.lora_cache)
-        ]
-        if not any(path.is_relative_to(root) for root in roots):
-            raise InvalidRequest(
-                f"{field}: {path} is outside the folders this server may read "
-                f"({', '.join(map(str, roots))}). Move the LoRA there or add its folder to FLUX_MCP_INPUT_ROOTS.",
-                field=field,
-            )
-        return path, path.name
+    def _local(self, text: str, field: str) -> tuple[Path, str, str]:
+        """Checked and hashed through one descriptor (``pathguard``): no swap between check and read."""
+        guard = GuardedPath(
+            field, (*self._settings.allowed_input_roots, self._settings.lora_cache), what="LoRA file"
+        )
+        with open_inside(text, guard) as (stream, info, real):
+            _refuse_pickle(real.name, real.name, field)
+            digest = self._checked_digest(stream, info, real.name, field)
+        return real, real.name, digest
 
-    async def _download(self, url: str, field: str) -> tuple[Path, str]:
+    async def _download(self, url: str, field: str) -> tuple[Path, str, str]:
+        """Streamed to disk through the guard (never whole in memory), checked, kept by content."""
         label = _url_label(url)
         _refuse_pickle(PurePosixPath(urlsplit(url).path).name, label, field)
-        target = (
-            self._settings.lora_cache / f"url-{hashlib.sha256(url.encode()).hexdigest()[:32]}.safetensors"
-        )
         # One download per URL even when several requests ask for it at once.
         lock = self._download_locks.setdefault(url, anyio.Lock())
         async with lock:
-            if await anyio.to_thread.run_sync(target.is_file):
-                return target, label
-            data, _content_type = await netguard.fetch_url(
-                url,
-                allow_private=self._settings.allow_private_urls,
-                max_bytes=int(self._settings.max_lora_mb * _MIB),
-                timeout_s=self._settings.download_timeout_s,
-                what="LoRA file",
-                size_setting="FLUX_MCP_MAX_LORA_MB",
-                field=field,
-            )
-            await anyio.to_thread.run_sync(_store_download, target, data, label, field)
-        return target, label
+            cached = await anyio.to_thread.run_sync(self._cache.lookup, url)
+            if cached is not None:
+                return cached[0], label, cached[1]
+            staging = await anyio.to_thread.run_sync(self._cache.staging)
+            try:
+
+                async def sink(chunk: bytes) -> None:
+                    await anyio.to_thread.run_sync(staging.write, chunk)
+
+                await netguard.fetch_url(
+                    url,
+                    allow_private=self._settings.allow_private_urls,
+                    max_bytes=self._max_bytes,
+                    timeout_s=self._settings.download_timeout_s,
+                    what="LoRA file",
+                    size_setting="FLUX_MCP_MAX_LORA_MB",
+                    field=field,
+                    sink=sink,
+                )
+
+                def check(stream: IO[bytes], size: int) -> None:
+                    _raise_unless_safetensors(stream, size, label, field)
+
+                digest = await anyio.to_thread.run_sync(staging.finish, check)
+                path = await anyio.to_thread.run_sync(self._cache.commit, staging, url, digest)
+            finally:
+                await anyio.to_thread.run_sync(staging.discard)
+        return path, label, digest
 
     def _from_hub(self, text: str, field: str) -> tuple[Path, str]:
         from huggingface_hub import hf_hub_download
@@ -165,6 +180,7 @@ class LoraFiles:
 
         parts = text.split("/")
         repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        _refuse_odd_hub_name(filename, field)
         try:
             filename = filename or _pick_hub_file(repo_id, field)
             _refuse_pickle(filename, f"{repo_id}/{filename}", field)
@@ -173,6 +189,7 @@ class LoraFiles:
                     f"{field}: {repo_id}/{filename} is not a .safetensors file; only safetensors LoRAs are loaded.",
                     field=field,
                 )
+            self._refuse_large_hub_file(repo_id, filename, field)
             return Path(hf_hub_download(repo_id, filename)), f"{repo_id}/{filename}"
         except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
             raise InvalidRequest(
@@ -192,32 +209,52 @@ class LoraFiles:
                 f"{field}: downloading {repo_id}/{filename} from Hugging Face failed: {exc}"
             ) from exc
 
+    def _refuse_large_hub_file(self, repo_id: str, filename: str, field: str) -> None:
+        """Ask the Hub for the file's size before downloading it (skipped when offline: then only the
+        local cache is used, and ``_verify`` checks the size of what is there)."""
+        import httpx
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+
+        if constants.HF_HUB_OFFLINE:
+            return
+        try:
+            size = get_hf_file_metadata(hf_hub_url(repo_id, filename)).size
+        except httpx.TransportError:
+            return  # no network: hf_hub_download falls back to the local cache (or says it cannot)
+        if size is not None and size > self._max_bytes:
+            raise self._too_big(f"{repo_id}/{filename}", field, size)
+
     # -- checks ---------------------------------------------------------------------------------
 
     def _verify(self, path: Path, label: str, field: str) -> str:
-        """Size cap and safetensors header check; returns the content's sha256 (memoised by stat)."""
+        """Size cap and safetensors header check of a Hub file; the content's sha256."""
         try:
-            stat = path.stat()
-            if not path.is_file():
-                raise InvalidRequest(f"{field}: {label} is not a file.", field=field)
-            if stat.st_size > self._settings.max_lora_mb * _MIB:
-                raise InvalidRequest(
-                    f"{field}: {label} is larger than {self._settings.max_lora_mb:g} MiB (FLUX_MCP_MAX_LORA_MB).",
-                    field=field,
-                )
-            key = (str(path), stat.st_size, stat.st_mtime_ns)
-            if key in self._hashes:
-                return self._hashes[key]
             with path.open("rb") as stream:
-                _raise_unless_safetensors(stream, stat.st_size, label, field)
-                stream.seek(0)
-                digest = hashlib.file_digest(stream, "sha256").hexdigest()
+                return self._checked_digest(stream, os.fstat(stream.fileno()), label, field)
         except FileNotFoundError:
-            raise InvalidRequest(f"{field}: no file at {path}.", field=field) from None
+            raise InvalidRequest(f"{field}: no file at {label}.", field=field) from None
         except OSError as exc:
             raise InvalidRequest(f"{field}: cannot read {label}: {exc.strerror}.", field=field) from None
+
+    def _checked_digest(self, stream: IO[bytes], info: os.stat_result, label: str, field: str) -> str:
+        """Size cap and header check on an open file; its sha256 (memoised by device, inode and time)."""
+        if info.st_size > self._max_bytes:
+            raise self._too_big(label, field, info.st_size)
+        key = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if key in self._hashes:
+            return self._hashes[key]
+        _raise_unless_safetensors(stream, info.st_size, label, field)
+        stream.seek(0)
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
         self._hashes[key] = digest
         return digest
+
+    def _too_big(self, label: str, field: str, size: int) -> InvalidRequest:
+        return InvalidRequest(
+            f"{field}: {label} is {size / _MIB:,.1f} MiB, larger than {self._settings.max_lora_mb:g} MiB "
+            "(FLUX_MCP_MAX_LORA_MB); nothing was downloaded. Use a smaller LoRA or raise the limit.",
+            field=field,
+        )
 
 
 def _is_local(text: str) -> bool:
@@ -272,23 +309,21 @@ def _url_label(url: str) -> str:
     return f"{parts.scheme}://{host}{parts.path}"
 
 
-def _store_download(target: Path, data: bytes, label: str, field: str) -> None:
-    """Check the bytes, then write them next to the target and rename: readers never see half a file."""
-    from io import BytesIO
-
-    _raise_unless_safetensors(BytesIO(data), len(data), label, field)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(data)
-        os.replace(staging, target)
-    finally:
-        Path(staging).unlink(missing_ok=True)
+def _refuse_odd_hub_name(filename: str, field: str) -> None:
+    """A file name inside a Hub repo is a plain relative path: no '..', no leading '/', no backslash."""
+    if filename.startswith("/") or "\\" in filename or any(p in ("..", ".") for p in filename.split("/")):
+        raise InvalidRequest(
+            f"{field}: {filename[:120]!r} is not a file name inside a Hugging Face repo; give "
+            "owner/name/path/to/file.safetensors without '..', '.' or a leading '/'.",
+            field=field,
+        )
 
 
 def _raise_unless_safetensors(stream: IO[bytes], size: int, label: str, field: str) -> None:
-    problem = safetensors_problem(stream, size)
+    try:
+        problem = safetensors_problem(stream, size)
+    except RecursionError:  # a header of JSON nested thousands deep
+        problem = "its header is nested too deeply to be a safetensors header"
     if problem is not None:
         raise InvalidRequest(
             f"{field}: {label} is not a safetensors file ({problem}). Only .safetensors LoRAs are loaded; "
@@ -350,13 +385,15 @@ def _archive_kind(head: bytes) -> str | None:
 class AdapterCache:
     """The pipeline's LoRA adapters; used only from the GPU worker thread, one job at a time."""
 
-    def __init__(self, capacity: int = 8) -> None:
+    def __init__(self, capacity: int = 8, max_bytes: int | None = None) -> None:
         self._capacity = capacity
+        self._max_bytes = max_bytes
         self._loaded: OrderedDict[str, str] = OrderedDict()  # adapter name -> label, oldest first
         #: How many adapters were loaded into the pipeline so far (a scale change loads nothing).
         self.loads = 0
         #: adapter name -> which of its file's modules reached the transformer (see ``ModuleReport``)
         self.reports: dict[str, ModuleReport] = {}
+        self._sizes: dict[str, int] = {}  # adapter name -> bytes of its file
 
     def activate(
         self, pipe: Any, loras: Sequence[tuple[LoraFile, float]], report: Callable[[str], None]
@@ -368,9 +405,10 @@ class AdapterCache:
         wanted = {lora.adapter_name for lora, _ in loras}
         for lora, _scale in loras:
             if lora.adapter_name not in self._loaded:
-                self._make_room(pipe, keep=wanted)
+                self._make_room(pipe, keep=wanted, incoming=lora.size)
                 report(f"loading LoRA {lora.label}")
                 self._load(pipe, lora)
+                self._sizes[lora.adapter_name] = lora.size
             self._loaded.move_to_end(lora.adapter_name)
         if not loras:
             if self._loaded:
@@ -403,15 +441,24 @@ class AdapterCache:
     def clear(self) -> None:
         self._loaded.clear()
         self.reports.clear()
+        self._sizes.clear()
 
-    def _make_room(self, pipe: Any, keep: set[str]) -> None:
-        while len(self._loaded) >= self._capacity:
+    def _make_room(self, pipe: Any, keep: set[str], incoming: int) -> None:
+        """Unload the least recently used adapters (not ``keep``) until one more of ``incoming`` bytes fits."""
+        while self._full(incoming):
             victim = next((name for name in self._loaded if name not in keep), None)
             if victim is None:
                 return
             pipe.delete_adapters([victim])
             del self._loaded[victim]
             self.reports.pop(victim, None)
+            self._sizes.pop(victim, None)
+
+    def _full(self, incoming: int) -> bool:
+        if len(self._loaded) >= self._capacity:
+            return True
+        loaded = sum(self._sizes.get(name, 0) for name in self._loaded)
+        return self._max_bytes is not None and bool(self._loaded) and loaded + incoming > self._max_bytes
 
     def _load(self, pipe: Any, lora: LoraFile) -> None:
         from safetensors import SafetensorError
