@@ -18,11 +18,10 @@ This module knows nothing about MCP or the backends' internals.
 
 from __future__ import annotations
 
-import math
 import re
 
 import anyio.to_thread
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from . import media, pathguard
 from .backends import InputImage
@@ -30,20 +29,16 @@ from .config import Settings
 from .errors import InputImageError, NotFound
 from .imagecheck import check_image_bytes, max_input_bytes, max_input_pixels
 from .pathguard import GuardedPath
-from .schema import MAX_SIDE
+from .schema import MAX_OUTPUT_PIXELS
 from .store import ResultStore
 
 __all__ = [
-    "RESULT_MAX_PIXELS",
     "check_image_bytes",
-    "contact_sheet",
     "max_input_pixels",
     "preview",
     "resolve_inputs",
 ]
 
-#: Results are at most MAX_SIDE x MAX_SIDE; stored files and fal's outputs are opened within this.
-RESULT_MAX_PIXELS = MAX_SIDE * MAX_SIDE
 _FLUX_URI = re.compile(r"^flux://images/(?P<id>[^/?#]+)$")
 
 
@@ -98,30 +93,6 @@ def _checked(data: bytes, what: str, field: str, settings: Settings) -> InputIma
 
 def preview(data: bytes, max_side: int, quality: int = 80) -> bytes:
     """A small JPEG of an image, at most ``max_side`` pixels on its long side."""
-    with media.open_image(data, RESULT_MAX_PIXELS) as img:
+    with media.open_image(data, MAX_OUTPUT_PIXELS) as img:
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
         return media.encode(media.flatten(img), "JPEG", quality=quality, optimize=True)
-
-
-def contact_sheet(cells: list[tuple[bytes | None, str]], cell_side: int = 256, quality: int = 80) -> bytes:
-    """A labelled grid (JPEG): one cell per (image bytes or None for a failed run, label)."""
-    count = max(len(cells), 1)
-    columns = min(count, 4) if count != 4 else 2
-    rows = math.ceil(count / columns)
-    label_h = 22
-    sheet = Image.new("RGB", (columns * cell_side, rows * (cell_side + label_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=14)
-    for index, (data, label) in enumerate(cells):
-        x = (index % columns) * cell_side
-        y = (index // columns) * (cell_side + label_h)
-        if data is not None:
-            with media.open_image(data, RESULT_MAX_PIXELS) as img:
-                img.thumbnail((cell_side, cell_side), Image.Resampling.LANCZOS)
-                tile = media.flatten(img)
-                sheet.paste(tile, (x + (cell_side - tile.width) // 2, y + (cell_side - tile.height) // 2))
-        else:
-            draw.rectangle((x + 4, y + 4, x + cell_side - 4, y + cell_side - 4), outline="red", width=3)
-            draw.text((x + 12, y + cell_side // 2 - 8), "failed", fill="red", font=font)
-        draw.text((x + 6, y + cell_side + 3), label, fill="black", font=font)
-    return media.encode(sheet, "JPEG", quality=quality, optimize=True)

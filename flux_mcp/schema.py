@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 __all__ = [
     "ENDPOINT_ID",
     "IMAGE_SIZE_PRESETS",
+    "MAX_OUTPUT_PIXELS",
     "MAX_SEED",
     "CompareSeedsArgs",
     "EditImageArgs",
@@ -55,6 +56,8 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 MAX_SEED = 2**32 - 1
 #: fal's generic cap for a custom side; FLUX.2 LoRA endpoints document 512-2048 as the useful range.
 MAX_SIDE = 14142
+#: The most pixels a result image can have (what the server accepts from a backend).
+MAX_OUTPUT_PIXELS = MAX_SIDE * MAX_SIDE
 
 _STRICT = ConfigDict(extra="forbid")
 

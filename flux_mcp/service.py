@@ -490,7 +490,7 @@ def _sheet(output: CompareOutput, tiles: list[bytes | None]) -> bytes:
         shared = [] if any(a.field == "seed" for a in output.grid.axes) else output.seeds[:1]
         return sheets.grid_sheet(output.grid.axes, tiles, caption=" ".join(f"seed {s}" for s in shared))
     labels = [f"seed {r.seed}" if r.image else f"seed {r.seed} (failed)" for r in output.runs]
-    return imaging.contact_sheet(list(zip(tiles, labels, strict=True)))
+    return sheets.contact_sheet(list(zip(tiles, labels, strict=True)))
 
 
 def _random_seeds(count: int) -> list[int]:

@@ -1,25 +1,27 @@
-"""The labelled grid image of a parameter comparison (compare_seeds with ``vary``).
+"""The labelled sheets of compare_seeds: a contact sheet of seeds, and the grid of a parameter comparison.
 
-Rows are the first axis's values, columns the second axis's (and the seeds', which vary fastest);
-a one-axis grid is one row. The axis names and values are written along the top and left edges,
-the shared seed in the corner, and a failed cell is drawn as a red box saying so, so that the picture
-alone says which cell is which. Blocking (PIL): call it from a worker thread.
+Contact sheet: one tile per seed, labelled under it. Grid (``vary``): rows are the first axis's values,
+columns the second axis's (and the seeds', which vary fastest); a one-axis grid is one row. The axis
+names and values are written along the top and left edges, the shared seed in the corner. On both a
+failed cell is drawn as a red box saying so, so that the picture alone says which cell is which.
+Blocking (PIL): call them from a worker thread.
 
 This module knows nothing about MCP, the backends or the store.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from . import media
 from .results import GridAxis
+from .schema import MAX_OUTPUT_PIXELS
 
-__all__ = ["grid_sheet"]
+__all__ = ["contact_sheet", "grid_sheet"]
 
 _LABEL_H = 22
 _MARGIN_W = 150
@@ -62,17 +64,44 @@ def grid_sheet(
     for index, data in enumerate(tiles):
         x = margin + (index % columns) * cell_side
         y = _LABEL_H + (index // columns) * cell_side
-        if data is None:
-            draw.rectangle((x + 4, y + 4, x + cell_side - 4, y + cell_side - 4), outline="red", width=3)
-            draw.text((x + 12, y + cell_side // 2 - 8), "failed", fill="red", font=font)
-            continue
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.thumbnail((cell_side - 4, cell_side - 4), Image.Resampling.LANCZOS)
-            tile = opened.convert("RGB")
-        sheet.paste(tile, (x + (cell_side - tile.width) // 2, y + (cell_side - tile.height) // 2))
-    out = io.BytesIO()
-    sheet.save(out, format="JPEG", quality=quality, optimize=True)
-    return out.getvalue()
+        _tile(sheet, draw, font, data, (x, y), cell_side)
+    return media.encode(sheet, "JPEG", quality=quality, optimize=True)
+
+
+def contact_sheet(cells: list[tuple[bytes | None, str]], cell_side: int = 256, quality: int = 80) -> bytes:
+    """A JPEG of one tile per (image bytes, or None for a failed run; label under it)."""
+    count = max(len(cells), 1)
+    columns = min(count, 4) if count != 4 else 2
+    rows = math.ceil(count / columns)
+    sheet = Image.new("RGB", (columns * cell_side, rows * (cell_side + _LABEL_H)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=14)
+    for index, (data, label) in enumerate(cells):
+        x = (index % columns) * cell_side
+        y = (index // columns) * (cell_side + _LABEL_H)
+        _tile(sheet, draw, font, data, (x, y), cell_side)
+        draw.text((x + 6, y + cell_side + 3), label, fill="black", font=font)
+    return media.encode(sheet, "JPEG", quality=quality, optimize=True)
+
+
+def _tile(
+    sheet: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    font: Any,
+    data: bytes | None,
+    at: tuple[int, int],
+    side: int,
+) -> None:
+    """One cell at ``at``: the image fitted and centred, or a red "failed" box."""
+    x, y = at
+    if data is None:
+        draw.rectangle((x + 4, y + 4, x + side - 4, y + side - 4), outline="red", width=3)
+        draw.text((x + 12, y + side // 2 - 8), "failed", fill="red", font=font)
+        return
+    with media.open_image(data, MAX_OUTPUT_PIXELS) as img:
+        img.thumbnail((side, side), Image.Resampling.LANCZOS)
+        tile = media.flatten(img)
+    sheet.paste(tile, (x + (side - tile.width) // 2, y + (side - tile.height) // 2))
 
 
 def _pair(field: str, value: Any) -> str:

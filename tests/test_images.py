@@ -13,7 +13,8 @@ from PIL import Image
 
 from flux_mcp.config import Settings
 from flux_mcp.errors import InputImageError
-from flux_mcp.images import check_image_bytes, contact_sheet, preview, resolve_inputs
+from flux_mcp.images import check_image_bytes, preview, resolve_inputs
+from flux_mcp.sheets import contact_sheet
 from flux_mcp.store import ResultStore
 
 from .conftest import data_uri, make_png

@@ -33,7 +33,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from ..errors import BackendUnavailable
-from . import Progress
+from .protocol import Progress
 
 __all__ = ["GpuQueue", "finish_in_thread", "notifier", "quiet", "with_heartbeat"]
 

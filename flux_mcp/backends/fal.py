@@ -49,8 +49,8 @@ from ..errors import (
     JobFailed,
 )
 from ..redact import Redactor, public_url
-from ..schema import ENDPOINT_ID, MAX_SIDE, EditRequest, EditResult, ImageFile
-from . import (
+from ..schema import ENDPOINT_ID, MAX_OUTPUT_PIXELS, EditRequest, EditResult, ImageFile
+from .protocol import (
     BackendResult,
     CostEstimate,
     GeneratedImage,
@@ -87,8 +87,6 @@ UPLOAD_TTL_S = 3600.0
 STREAM_TIMEOUT = httpx.Timeout(30.0, read=60.0)
 RESULT_TIMEOUT = httpx.Timeout(120.0, connect=30.0)
 MAX_DETAIL_CHARS = 500
-#: fal's outputs (and our inputs) are at most MAX_SIDE x MAX_SIDE pixels.
-RESULT_MAX_PIXELS = MAX_SIDE * MAX_SIDE
 _STEP = re.compile(r"(\d+)\s*/\s*(\d+)")
 
 _T = TypeVar("_T")
@@ -371,7 +369,7 @@ class FalBackend:
             data = await self._download(index, count, image.url)
             try:
                 content_type, width, height = await anyio.to_thread.run_sync(
-                    media.probe, data, RESULT_MAX_PIXELS
+                    media.probe, data, MAX_OUTPUT_PIXELS
                 )
             except media.MediaError as exc:
                 raise BackendError(
@@ -396,7 +394,7 @@ class FalBackend:
         which = f"Output image {index + 1} of {count}"
         limit = int(self._settings.max_download_mb * 1024 * 1024)
         if url.startswith("data:"):
-            return await anyio.to_thread.run_sync(_decode_data_uri, url, limit, which)
+            return await anyio.to_thread.run_sync(_output_data_uri, url, limit, which)
         if not url.startswith(("https://", "http://")):
             raise BackendError(f"{which} has an unsupported URL scheme: {url[:80]!r}.")
         for attempt in range(1, ATTEMPTS + 1):
@@ -710,7 +708,7 @@ def _refuse_local_loras(request: EditRequest) -> None:
             )
 
 
-def _decode_data_uri(url: str, limit: int, which: str) -> bytes:
+def _output_data_uri(url: str, limit: int, which: str) -> bytes:
     try:
         return media.decode_data_uri(url, limit)[1]
     except media.DataTooLarge as exc:

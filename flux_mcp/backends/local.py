@@ -75,7 +75,10 @@ from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFai
 from ..imagecheck import check_image_bytes, max_input_pixels
 from ..limits import check_local_work
 from ..schema import MAX_SEED, EditRequest, image_seeds, output_size
-from . import (
+from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
+from .compiling import COMPILER_ERRORS, CompiledBlocks, compile_backend
+from .loras import AdapterCache, LoraFile, LoraFiles
+from .protocol import (
     BackendResult,
     CostEstimate,
     GeneratedImage,
@@ -85,9 +88,6 @@ from . import (
     RunOutcome,
     hosted_price,
 )
-from ._worker import GpuQueue, finish_in_thread, notifier, quiet, with_heartbeat
-from .compiling import COMPILER_ERRORS, CompiledBlocks, compile_backend
-from .loras import AdapterCache, LoraFile, LoraFiles
 from .safety import SafetyClassifier, blacked_out
 
 __all__ = ["ACCELERATION", "LORA_FORMATS", "LocalBackend"]
