@@ -292,10 +292,18 @@ SETTINGS: tuple[Setting, ...] = (
         "Let server-side fetches (local backend inputs and LoRA URLs) reach private-network addresses.",
     ),
     Setting(
+        "FLUX_MCP_CACHE_DIR",
+        "cache_dir",
+        _path,
+        "user cache dir",
+        "Local backend: the cache folder: calibrated CNS gamma matrices, the demo's tiny model and (unless "
+        "FLUX_MCP_LORA_CACHE says otherwise) downloaded LoRAs (e.g. ~/.cache/flux-mcp on Linux).",
+    ),
+    Setting(
         "FLUX_MCP_LORA_CACHE",
         "lora_cache",
         _path,
-        "user cache dir/loras",
+        "cache dir/loras",
         "Local backend: where downloaded LoRA files are cached.",
     ),
     Setting(
@@ -376,12 +384,18 @@ class Settings:
     max_local_work: float = 450.0
     http_token: str = field(default="", repr=False)
     allow_private_urls: bool = False
-    lora_cache: Path = field(default_factory=lambda: Path(user_cache_dir(APP)) / "loras")
+    cache_dir: Path = field(default_factory=lambda: Path(user_cache_dir(APP)))
+    #: Derived from ``cache_dir`` when not set (see ``__post_init__``).
+    lora_cache: Path = None  # type: ignore[assignment]
     max_lora_mb: float = 2048.0
     lora_cache_mb: float = 20480.0
     max_adapter_mb: float = 4096.0
     fal_rest_url: str = ""
     fal_cdn_url: str = ""
+
+    def __post_init__(self) -> None:
+        if self.lora_cache is None:
+            object.__setattr__(self, "lora_cache", self.cache_dir / "loras")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

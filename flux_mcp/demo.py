@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from platformdirs import user_cache_dir, user_data_dir
+from platformdirs import user_data_dir
 
 from .backends import local_available
-from .config import APP
+from .config import APP, Settings
 
 __all__ = ["run_demo"]
 
@@ -34,7 +34,7 @@ def _prepare_local(work: Path) -> dict[str, str]:
     """Build (once) the tiny model and a demo LoRA; return the server's environment additions."""
     from .backends import tiny
 
-    model_dir = Path(user_cache_dir(APP)) / "tiny-klein"
+    model_dir = Settings.from_env().cache_dir / "tiny-klein"
     _say(f"Building the tiny random klein pipeline in {model_dir} (offline, once) ...")
     tiny.save_tiny_model(model_dir)
     lora_path = work / "inputs" / "demo_lora.safetensors"

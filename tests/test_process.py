@@ -33,3 +33,11 @@ async def test_the_service_applies_them_at_start_and_undoes_them_at_close(tmp_pa
     assert fal_client.client.REST_URL == "https://127.0.0.1:9/rest"
     await service.aclose()
     assert before == fal_client.client.REST_URL
+
+
+def test_the_cache_folder_is_a_setting_and_the_lora_cache_follows_it(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    settings = Settings.from_env({"FLUX_MCP_CACHE_DIR": str(cache)})
+    assert settings.cache_dir == cache and settings.lora_cache == cache / "loras"
+    own = Settings.from_env({"FLUX_MCP_CACHE_DIR": str(cache), "FLUX_MCP_LORA_CACHE": str(tmp_path / "l")})
+    assert own.lora_cache == tmp_path / "l"

@@ -17,20 +17,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from platformdirs import user_cache_dir
-
 from .. import media
-from ..config import APP, Settings
+from ..config import Settings
 from ..imagecheck import max_input_pixels
 from . import cns
 from .local import load_pipeline
 
-__all__ = ["calibrate", "gamma_cache_dir"]
-
-
-def gamma_cache_dir() -> Path:
-    """Where calibrated matrices live (the local backend reads them from here)."""
-    return Path(user_cache_dir(APP))
+__all__ = ["calibrate"]
 
 
 def calibrate(
@@ -56,7 +49,7 @@ def calibrate(
     matrix, sigmas = cns.calibrate_gamma(
         pipe, reference, prompt, steps, guidance, bins, list(range(seeds)), height=size, width=size
     )
-    path = cns.gamma_cache_path(gamma_cache_dir(), settings.model)
+    path = cns.gamma_cache_path(settings.cache_dir, settings.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "model": settings.model,

@@ -67,10 +67,9 @@ from typing import Any
 import anyio.to_thread
 import torch
 from PIL import Image
-from platformdirs import user_cache_dir
 
 from .. import media, netguard
-from ..config import APP, Settings
+from ..config import Settings
 from ..errors import BackendUnavailable, InputImageError, InvalidRequest, JobFailed
 from ..imagecheck import check_image_bytes, max_input_pixels
 from ..limits import check_local_work
@@ -505,7 +504,7 @@ class _Engine:
             self.cns_scheduler = cns.ColoredNoiseScheduler.from_config(self.plain_scheduler.config)
         if self.gamma_cache is None:
             channels = self.pipe.transformer.config.in_channels
-            self.gamma_cache = cns.GammaCache(Path(user_cache_dir(APP)), self.settings.model, channels)
+            self.gamma_cache = cns.GammaCache(self.settings.cache_dir, self.settings.model, channels)
         gamma, problem = self.gamma_cache.current()
         self.cns_scheduler.configure_cns(
             cns.CNSParams.from_request(job.request),
