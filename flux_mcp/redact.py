@@ -112,12 +112,17 @@ def install_log_scrubbing(secrets: Iterable[str], handlers: Iterable[logging.Han
     return redact
 
 
+_OMITTED = re.compile(r"<\d+ bytes omitted>")
+
+
 def public_url(text: str) -> str:
     """``text`` without what must not be stored: a URL's query, fragment and credentials, a data URI's
     payload (and any header past its MIME type). Other strings (paths, ids, repo ids) are returned as is."""
     lowered = text[:8].lower()
     if lowered.startswith("data:"):
         head, _, payload = text.partition(",")
+        if _OMITTED.fullmatch(payload):
+            return text  # already in this form
         mime = _DATA_MIME.match(head)
         return f"data:{mime.group(1) if mime else 'unknown'};base64,<{len(payload) * 3 // 4} bytes omitted>"
     if not lowered.startswith(("http://", "https://")):

@@ -246,6 +246,9 @@ class FluxService:
             request, runs, values, axes = self._cells(fields)
         backend = await anyio.to_thread.run_sync(lambda: self.backend)
         inputs = await imaging.resolve_inputs(request.image_urls, self.settings, self.store)
+        # The inputs hold the bytes now: a data URI (megabytes) need not stay in every run's request
+        # while the call waits for its turn.
+        request, runs = _without_payloads(request), [_without_payloads(run) for run in runs]
         estimate = backend.estimate_cost(runs, inputs)
         self._check_cost(estimate.usd, estimate.billed)
         return PreparedCall(
@@ -465,6 +468,12 @@ class FluxService:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def _without_payloads(request: EditRequest) -> EditRequest:
+    """``request`` with each data URI in image_urls replaced by its public form (type and size)."""
+    urls = [public_url(u) if u[:5].lower() == "data:" else u for u in request.image_urls]
+    return request.model_copy(update={"image_urls": urls})
 
 
 def _grid(axes: list[GridAxis], values: list[dict[str, Any]], runs: list[SeedRun]) -> Grid | None:
