@@ -137,7 +137,7 @@ class CompareOutput(_CallOutput):
         default_factory=list, description="One entry per cell, in the order of the contact sheet."
     )
     seeds: list[int] = Field(default_factory=list)
-    failed_seeds: list[int] = Field(default_factory=list)
+    failed_seeds: list[int] = Field(default_factory=list, description="The seed of each failed cell.")
     grid: Grid | None = Field(None, description="Set when arguments were varied (vary).")
 
 
