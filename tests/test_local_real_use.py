@@ -156,6 +156,30 @@ async def test_regular_acceleration_survives_many_lora_configurations(
         assert max_diff(results[index].images[0].data, plain.images[0].data) <= 1
 
 
+@pytest.mark.anyio
+async def test_a_compiler_error_is_a_job_failure_and_the_next_run_compiles_afresh(
+    make_backend: Callable[..., LocalBackend],
+    tiny_transformer: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With dynamo's recompile limit at 1 the second LoRA set hits it: FailOnRecompileLimitHit (not
+    a RuntimeError) must reach the caller as JobFailed, never as an unexpected exception."""
+    import torch._dynamo.config
+
+    from flux_mcp.errors import JobFailed
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    backend = make_backend(compile_backend="eager")
+    lora = save_lora(tmp_path / "one.safetensors", make_lora_state_dict(tiny_transformer, "peft", seed=1))
+    await edit(backend, request(acceleration="regular"))
+    with pytest.raises(JobFailed, match=r"torch\.compile failed") as failed:
+        await edit(backend, request(acceleration="regular", loras=[{"path": str(lora)}]))
+    assert "FailOnRecompileLimitHit" in str(failed.value)
+    again = await edit(backend, request(acceleration="regular", loras=[{"path": str(lora)}]))
+    assert len(again.images) == 1
+
+
 # -- 8. cancelling a local job --------------------------------------------------------------------
 
 
