@@ -48,6 +48,7 @@ from flux_mcp.schema import EditRequest
 
 CUDA = torch.cuda.is_available()
 LORA_CONFIGURATIONS = 12
+LEVELS = ("none", "regular", "high")
 
 
 @dataclass
@@ -216,20 +217,27 @@ def _verdict(met: bool) -> str:
 
 
 async def run_checks(check: Check) -> list[Row]:
-    rows: list[Row] = []
     backend = check.backend()
+    rows: list[Row] = []
     try:
         await check.edit(backend)  # loads the model
-        for level in ("none", "regular", "high"):
-            rows.append(await check.acceleration(backend, level))
-        rows.append(await check.batching(backend))
-        rows.append(await check.cns(backend))
-        rows.append(await check.step_memory(backend))
+        rows += [await _row(f"acceleration {level}", check.acceleration(backend, level)) for level in LEVELS]
+        rows.append(await _row("batching", check.batching(backend)))
+        rows.append(await _row("CNS vs plain", check.cns(backend)))
+        rows.append(await _row("peak VRAM per step", check.step_memory(backend)))
     finally:
         await backend.aclose()
-    for mode in ("model", "sequential"):
-        rows.append(await check.offload(mode))
+    rows += [await _row(f"offload {mode}", check.offload(mode)) for mode in ("model", "sequential")]
     return rows
+
+
+async def _row(name: str, measuring: Awaitable[Row]) -> Row:
+    """The row, or a FAILED row with the error: one broken check must not hide the others' results
+    (so any exception, including torch's own, is caught here and shown)."""
+    try:
+        return await measuring
+    except Exception as exc:
+        return Row(name, f"{type(exc).__name__}: {exc}"[:100], result="FAILED")
 
 
 def print_table(rows: list[Row], header: str, seconds: float) -> None:

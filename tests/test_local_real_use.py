@@ -159,6 +159,30 @@ async def test_regular_acceleration_survives_many_lora_configurations(
         assert max_diff(results[index].images[0].data, plain.images[0].data) <= 1
 
 
+@pytest.mark.anyio
+async def test_a_compiler_error_is_a_job_failure_and_the_next_run_compiles_afresh(
+    make_backend: Callable[..., LocalBackend],
+    tiny_transformer: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With dynamo's recompile limit at 1 the second LoRA set hits it: FailOnRecompileLimitHit (not
+    a RuntimeError) must reach the caller as JobFailed, never as an unexpected exception."""
+    import torch._dynamo.config
+
+    from flux_mcp.errors import JobFailed
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    backend = make_backend(compile_backend="eager")
+    lora = save_lora(tmp_path / "one.safetensors", make_lora_state_dict(tiny_transformer, "peft", seed=1))
+    await edit(backend, request(acceleration="regular"))
+    with pytest.raises(JobFailed, match=r"torch\.compile failed") as failed:
+        await edit(backend, request(acceleration="regular", loras=[{"path": str(lora)}]))
+    assert "FailOnRecompileLimitHit" in str(failed.value)
+    again = await edit(backend, request(acceleration="regular", loras=[{"path": str(lora)}]))
+    assert len(again.images) == 1
+
+
 # -- 8. cancelling a local job --------------------------------------------------------------------
 
 
@@ -228,3 +252,30 @@ async def test_a_recalibrated_gamma_matrix_is_used_without_restart_and_checked(
         assert refused.details["cns"]["gamma"] == "matrix (analytic stand-in)"
         problem = refused.details["cns"]["gamma_file_problem"]
         assert "calibrated" in problem and str(next(iter(wrong.values()))) in problem
+
+
+@pytest.mark.anyio
+async def test_cancel_job_over_mcp_answers_cancelling_and_saves_nothing(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The same through a real MCP client and server process: the call outlives its 1 s budget,
+    cancel_job answers 'cancelling', get_result says so until the job is 'cancelled'."""
+    from .conftest import stdio_client, text_of
+    from .test_e2e_local import _env, _inputs
+
+    env = _env(tmp_path, tiny_model, FLUX_MCP_CALL_BUDGET_S="1")
+    long = {"prompt": "p", "image_urls": _inputs(tmp_path, 1), "num_inference_steps": 50}
+    async with stdio_client(env) as client:
+        pending = await client.call_tool("edit_image", {**long, "image_size": {"width": 256, "height": 256}})
+        job_id = pending.structured_content["job"]["id"]
+        cancelled = await client.call_tool("cancel_job", {"job_id": job_id})
+        answers = []
+        with anyio.fail_after(120):
+            while not (
+                answer := await client.call_tool("get_result", {"job_id": job_id, "wait_s": 5})
+            ).is_error:
+                answers.append(answer)
+    assert cancelled.structured_content["job"]["state"] == "cancelling"
+    assert all("being cancelled" in text_of(answer) for answer in answers)
+    assert "was cancelled; nothing was saved" in text_of(answer)
+    assert list((tmp_path / "out").glob("*.png")) == []
