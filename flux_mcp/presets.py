@@ -1,7 +1,8 @@
 """Presets (named sets of request fields) and the user's LoRA library.
 
-A preset fills only the arguments the caller did not give: explicit arguments always win, also
-when they equal the endpoint default. The user's file (TOML, ``FLUX_MCP_PRESETS``) adds presets and
+A preset fills the arguments the caller did not give, sent as null or sent at the endpoint's default
+(``PRESET_RULE``: strict function-calling hosts send every field, defaults included); any other value
+the caller gives wins. The user's file (TOML, ``FLUX_MCP_PRESETS``) adds presets and
 library LoRAs; it is re-read whenever it changes, and a broken file gives a ``PresetError`` naming the
 file and line while the built-in presets keep working. ``examples/presets.toml`` shows every feature.
 
@@ -21,6 +22,8 @@ This module knows nothing about MCP or the backends.
 
 from __future__ import annotations
 
+import difflib
+import re
 import threading
 import tomllib
 from dataclasses import dataclass, field
@@ -32,7 +35,23 @@ from pydantic import ValidationError
 from .errors import InvalidRequest, PresetError
 from .schema import EditRequest
 
-__all__ = ["BUILTIN_PRESETS", "LoraEntry", "Preset", "PresetLibrary", "apply_preset"]
+__all__ = [
+    "BUILTIN_PRESETS",
+    "PRESET_RULE",
+    "did_you_mean",
+    "LoraEntry",
+    "Preset",
+    "PresetLibrary",
+    "apply_preset",
+]
+
+
+#: Which arguments a preset fills (list_presets shows it; ``arguments.normalize`` applies it).
+PRESET_RULE = (
+    "A preset fills every argument you leave out, send as null, or send at the endpoint's default "
+    "value; any other value you give wins. (Strict hosts send every field: their defaults never "
+    "undo a preset.) To keep a default the preset changes, leave the preset out."
+)
 
 
 @dataclass(frozen=True)
@@ -235,6 +254,29 @@ def _tables(doc: dict[str, Any], key: str, path: Path) -> dict[str, dict[str, An
     return tables
 
 
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """' Did you mean ...?' naming the choices nearest ``name`` (empty when none is close)."""
+    near = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+_BARE_NAME = re.compile(r"^[^/:.\\]+$")
+
+
+def _check_lora_path(path: str, index: int, names: list[str]) -> None:
+    """A bare word is neither a URL, a repo id nor a .safetensors file: no backend can use it, so it
+    is a misspelled library name. Refused before anything is sent or paid for."""
+    if not _BARE_NAME.match(path.strip()):
+        return
+    hint = did_you_mean(path, names)
+    library = f"library: {', '.join(names)}" if names else "the LoRA library is empty"
+    raise InvalidRequest(
+        f"loras.{index}.path: {_short(path)} is not a LoRA library name ({library}), an https URL or a "
+        f"Hugging Face repo id (owner/name); nothing was sent.{hint}",
+        field=f"loras.{index}.path",
+    )
+
+
 def apply_preset(
     args: dict[str, Any], library: PresetLibrary
 ) -> tuple[dict[str, Any], Preset | None, list[dict[str, Any]]]:
@@ -266,6 +308,8 @@ def apply_preset(
                 entry = loras[lora["path"]]
                 lora = {"scale": entry.scale, **lora, "path": entry.path}
                 used.append({"name": entry.name, "path": entry.path, "trigger_word": entry.trigger_word})
+            elif isinstance(lora, dict) and isinstance(lora.get("path"), str):
+                _check_lora_path(lora["path"], len(resolved), sorted(loras))
             resolved.append(lora)
         args["loras"] = resolved
     return args, preset, used

@@ -13,13 +13,14 @@ from __future__ import annotations
 import io
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
 from .results import GridAxis
 
-__all__ = ["grid_sheet"]
+__all__ = ["grid_sheet", "within_budget"]
 
 _LABEL_H = 22
 _MARGIN_W = 150
@@ -73,6 +74,17 @@ def grid_sheet(
     out = io.BytesIO()
     sheet.save(out, format="JPEG", quality=quality, optimize=True)
     return out.getvalue()
+
+
+def within_budget(draw: Callable[[int], bytes], cells: int, budget: int) -> bytes:
+    """The sheet ``draw(cell_side)`` makes, at the largest cell side that keeps it within ``budget``
+    bytes: 512 px for up to 4 cells, 384 up to 8, else 256, shrunk by a quarter until it fits."""
+    side = 512 if cells <= 4 else 384 if cells <= 8 else 256
+    while True:
+        sheet = draw(side)
+        if len(sheet) <= budget or side <= 128:
+            return sheet
+        side = max(128, math.floor(side * 0.75))
 
 
 def _pair(field: str, value: Any) -> str:
