@@ -232,7 +232,8 @@ def _schema(tool: str) -> None:
     from .schema import tool_input_schema
 
     model = {"edit_image": EditImageArgs, "compare_seeds": CompareSeedsArgs, "request": EditRequest}[tool]
-    print(json.dumps(tool_input_schema(model), indent=2))
+    # "request" is the endpoint's own body: its names, flat.
+    print(json.dumps(tool_input_schema(model, group=tool != "request"), indent=2))
 
 
 def _calibrate(settings: Settings, ns: argparse.Namespace) -> int:

@@ -38,11 +38,11 @@ from .schema import EditRequest
 __all__ = [
     "BUILTIN_PRESETS",
     "PRESET_RULE",
-    "did_you_mean",
     "LoraEntry",
     "Preset",
     "PresetLibrary",
     "apply_preset",
+    "did_you_mean",
 ]
 
 

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.anyio
 EDIT = {"prompt": "make it night", "seed": 5, "num_inference_steps": 8}
 
 
-def _env(tmp_path: Path, emulator: Any, budget: str = "1") -> dict[str, str]:
+def _env(tmp_path: Path, emulator: Any, budget: str = "1", **extra: str) -> dict[str, str]:
     (tmp_path / "inputs").mkdir(exist_ok=True)
-    return server_env(tmp_path, **emulator.env(), FLUX_MCP_CALL_BUDGET_S=budget)
+    return server_env(tmp_path, **emulator.env(), FLUX_MCP_CALL_BUDGET_S=budget, **extra)
 
 
 async def _collect(client: Any, job_id: str, limit_s: float = 30) -> Any:
@@ -60,7 +60,8 @@ async def test_a_call_past_its_budget_becomes_a_job_that_get_result_collects(
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append(message or "")
 
-    async with stdio_client(_env(tmp_path, emulator)) as client:
+    # With FLUX_MCP_RESOURCE_LINKS, results carry resource links too (off by default).
+    async with stdio_client(_env(tmp_path, emulator, FLUX_MCP_RESOURCE_LINKS="true")) as client:
         with anyio.fail_after(10):
             pending = await client.call_tool(
                 "edit_image", {**EDIT, "image_urls": [str(input_png)]}, progress_callback=on_progress
@@ -69,6 +70,9 @@ async def test_a_call_past_its_budget_becomes_a_job_that_get_result_collects(
         job = pending.structured_content["job"]
         assert job["state"] in ("queued", "running") and job["id"].startswith("job-")
         assert "get_result" in text_of(pending) and job["id"] in text_of(pending)
+        # The next step is in the structured content too (pydantic-ai shows the model only that).
+        step = pending.structured_content["next_step"]
+        assert "get_result" in step and job["id"] in step
         assert pending.structured_content["images"] == []
         assert progress, "progress was forwarded while the call was open"
 
