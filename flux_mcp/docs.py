@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from .config import SETTINGS
 from .schema import CompareSeedsArgs, EditImageArgs
 
-__all__ = ["render_settings", "render_tool", "update_readme"]
+__all__ = ["render_settings", "render_tool", "update_readme", "value_range"]
 
 
 def render_settings() -> str:
@@ -43,7 +43,8 @@ def _type(prop: dict[str, Any]) -> str:
     return kind
 
 
-def _range(prop: dict[str, Any]) -> str:
+def value_range(prop: dict[str, Any]) -> str:
+    """A property's range as people read it: ``0–20``, ``>0–14142``, ``1–4 items``."""
     for option in prop.get("anyOf", []):
         if option.get("type") != "null":
             prop = {**option, **{k: v for k, v in prop.items() if k != "anyOf"}}
@@ -84,7 +85,7 @@ def render_tool(model: type[BaseModel]) -> str:
 
 def _row(name: str, prop: dict[str, Any], required: bool, meaning: str) -> str:
     default = "required" if required else f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
-    return f"| `{name}` | {_type(prop)} | {default} | {_range(prop)} | {_cell(meaning)} |"
+    return f"| `{name}` | {_type(prop)} | {default} | {value_range(prop)} | {_cell(meaning)} |"
 
 
 def _cell(text: str) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .conftest import REPO, server_env
 
-HOSTS_PYTHON = Path(os.environ.get("FLUX_HOSTS_VENV", REPO / ".venv-hosts")) / "bin" / "python"
+HOSTS_PYTHON = REPO / os.environ.get("FLUX_HOSTS_VENV", ".venv-hosts") / "bin" / "python"
 
 
 def _run(env: dict[str, str], selection: str) -> subprocess.CompletedProcess[str]:
