@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from .errors import InvalidRequest
-from .presets import Preset, describe_validation_error, did_you_mean
+from .presets import Preset, describe_errors_of, did_you_mean
 from .schema import CNS_GROUP, CNS_PREFIX, EditRequest
 
 __all__ = [
@@ -70,10 +70,11 @@ def tool_field(name: str) -> str:
 
 def normalize(args: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
     """The raw arguments with the usual slips fixed, CNS flattened and, when a preset is named,
-    arguments at the endpoint default dropped (``PRESET_RULE``)."""
-    args = {k: v for k, v in flatten_cns(args).items() if v is not None}
-    if isinstance(args.get("image_urls"), str):
-        args["image_urls"] = [args["image_urls"]]
+    arguments at the endpoint default dropped (``presets.PRESET_RULE``)."""
+    args = {k: v for k, v in flatten_cns(args).items() if v is not None or not _null_is_unset(k, model)}
+    urls = args.get("image_urls")
+    if isinstance(urls, str) and not urls.lstrip().startswith("["):  # "[..." is a broken JSON list
+        args["image_urls"] = [urls]
     size = args.get("image_size")
     if isinstance(size, str) and (match := _SIZE.match(size)):
         args["image_size"] = {"width": int(match[1]), "height": int(match[2])}
@@ -84,6 +85,15 @@ def normalize(args: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
     if args.get("preset") is not None:
         args = {k: v for k, v in args.items() if not _is_default(k, v)}
     return args
+
+
+def _null_is_unset(name: str, model: type[BaseModel]) -> bool:
+    """``null`` means "not given" for a field that takes null anyway or an optional string (agents send
+    ``negative_prompt: null``); elsewhere it stays an error naming the field (a NaN arrives as null)."""
+    info = model.model_fields.get(name)
+    if info is None:
+        return False
+    return not info.is_required() and (info.annotation is str or info.default is None)
 
 
 def _axis(axis: Any) -> Any:
@@ -153,20 +163,33 @@ def describe_errors(exc: ValidationError, model: type[BaseModel]) -> str:
         by_field.setdefault(str(err["loc"][0]) if err["loc"] else "", []).append(err)
     lines = []
     for field, errors in by_field.items():
-        shown = tool_field(field)
+        shown = tool_field(field) if len(field) <= 60 else field[:57] + "..."  # names come from callers
         if errors[0]["type"] == "extra_forbidden":
-            known = [tool_field(n) for n in model.model_fields]
-            lines.append(
-                f"{shown}: unknown argument; remove it (see the tool's schema).{did_you_mean(shown, known)}"
+            hint = (
+                did_you_mean(shown, [tool_field(n) for n in model.model_fields]) if len(field) <= 60 else ""
             )
+            lines.append(f"{shown}: unknown argument ({hint or 'see the tool schema'}); remove or rename it")
         elif len(errors) > 1 and field in schema_props and "anyOf" in schema_props[field]:
-            got = errors[0].get("input")
-            lines.append(f"{shown}: accepts {_accepted(schema_props[field])} (got {_short(got)})")
+            inside = [_untagged(e) for e in errors if len(_untagged(e)["loc"]) > 1]
+            if inside:  # the value has one branch's shape (an object): what is wrong inside it
+                lines.append(describe_errors_of(inside))
+            else:
+                got = errors[0].get("input")
+                lines.append(f"{shown}: accepts {_accepted(schema_props[field])} (got {_short(got)})")
         else:
-            sub = ValidationError.from_exception_data(exc.title, errors)  # type: ignore[arg-type]
-            text = describe_validation_error(sub)
+            text = describe_errors_of(errors)
             lines.append(text.replace(field, shown, 1) if field.startswith(CNS_PREFIX) else text)
     return "; ".join(lines)
+
+
+_FIELD_PART = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def _untagged(error: Any) -> Any:
+    """An error whose location names pydantic's union branches (``ImageSize``, ``literal[...]``)
+    without them: ``image_size.ImageSize.width`` -> ``image_size.width``."""
+    loc = tuple(p for p in error["loc"] if isinstance(p, int) or _FIELD_PART.match(p))
+    return {**error, "loc": loc}
 
 
 def _tool_properties(model: type[BaseModel]) -> dict[str, Any]:

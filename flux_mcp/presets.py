@@ -26,6 +26,7 @@ import difflib
 import re
 import threading
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,13 @@ def _check_params(params: dict[str, Any], where: str) -> None:
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """pydantic's errors as 'field: what is wrong (got X)' lines, with the allowed range."""
+    return describe_errors_of(exc.errors(include_url=False), prefix)
+
+
+def describe_errors_of(errors: Sequence[Any], prefix: str = "") -> str:
+    """``describe_validation_error`` for a list of pydantic's error dicts."""
     lines = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         # Field names come from the caller too (unknown keys): keep each part short.
         parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         loc = ".".join(p if len(p) <= 60 else p[:57] + "..." for p in parts)
@@ -255,9 +261,9 @@ def _tables(doc: dict[str, Any], key: str, path: Path) -> dict[str, dict[str, An
 
 
 def did_you_mean(name: str, choices: list[str]) -> str:
-    """' Did you mean ...?' naming the choices nearest ``name`` (empty when none is close)."""
-    near = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+    """'did you mean 'x' or 'y'?' for the choices nearest ``name`` (empty when none is close)."""
+    near = difflib.get_close_matches(name, choices, n=2, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
 
 
 _BARE_NAME = re.compile(r"^[^/:.\\]+$")
@@ -272,7 +278,7 @@ def _check_lora_path(path: str, index: int, names: list[str]) -> None:
     library = f"library: {', '.join(names)}" if names else "the LoRA library is empty"
     raise InvalidRequest(
         f"loras.{index}.path: {_short(path)} is not a LoRA library name ({library}), an https URL or a "
-        f"Hugging Face repo id (owner/name); nothing was sent.{hint}",
+        f"Hugging Face repo id (owner/name); nothing was sent.{' ' + hint.capitalize() if hint else ''}",
         field=f"loras.{index}.path",
     )
 

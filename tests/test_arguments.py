@@ -65,15 +65,24 @@ async def test_prepare_forgives_and_explains(tmp_path: Path) -> None:
     assert call.request.image_size is not None and call.request.image_size.width == 640
     assert call.request.negative_prompt == "" and call.request.cns_s_churn == 1.5
 
+    # null is "not given" for optional strings; for a number it stays an error (a NaN arrives as null).
+    with pytest.raises(InvalidRequest, match=r"^guidance_scale: "):
+        await service.prepare("edit_image", {"prompt": "p", "image_urls": [IMAGE], "guidance_scale": None})
     with pytest.raises(InvalidRequest, match=r"did you mean 'seeds'"):
         await service.prepare("compare_seeds", {"prompt": "p", "image_urls": [IMAGE], "seed": 3})
     with pytest.raises(InvalidRequest) as union:
         await service.prepare("edit_image", {"prompt": "p", "image_urls": [IMAGE], "image_size": "huge"})
     message = str(union.value)
     assert message.count("image_size") == 1 and "'square_hd'" in message and '"width"' in message
+    with pytest.raises(
+        InvalidRequest, match=r"^image_size\.width: Input should be greater than 0 \(got -1\)\.$"
+    ):
+        await service.prepare(
+            "edit_image", {"prompt": "p", "image_urls": [IMAGE], "image_size": {"width": -1, "height": 8}}
+        )
     with pytest.raises(InvalidRequest, match=r"cns\.s_churn: .*less than or equal to 2"):
         await service.prepare("edit_image", {"prompt": "p", "image_urls": [IMAGE], "cns": {"s_churn": 3}})
-    with pytest.raises(InvalidRequest, match=r"cns\.s_chrun: unknown argument.*Did you mean 'cns\.s_churn'"):
+    with pytest.raises(InvalidRequest, match=r"cns\.s_chrun: unknown argument \(did you mean 'cns\.s_churn'"):
         await service.prepare("edit_image", {"prompt": "p", "image_urls": [IMAGE], "cns": {"s_chrun": 1}})
 
 
