@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import InvalidRequest
 from .presets import Preset, describe_errors_of, did_you_mean
-from .schema import CNS_GROUP, CNS_PREFIX, EditRequest
+from .schema import CNS_GROUP, CNS_PREFIX, EditRequest, tool_input_schema
 
 __all__ = [
     "describe_errors",
@@ -112,7 +112,7 @@ def _seed_for_compare(args: dict[str, Any]) -> dict[str, Any]:
         return {**{k: v for k, v in args.items() if k != "seed"}, "seeds": [seed]}
     raise InvalidRequest(
         f"seed: compare_seeds has no 'seed'; did you mean 'seeds' (a list of 2-8 distinct integers, e.g. "
-        f"[{seed!r}, ...]) or 'count' (how many random seeds)?",
+        f"[{_short(seed)}, ...]) or 'count' (how many random seeds)?",
         field="seed",
     )
 
@@ -193,8 +193,6 @@ def _untagged(error: Any) -> Any:
 
 
 def _tool_properties(model: type[BaseModel]) -> dict[str, Any]:
-    from .schema import tool_input_schema
-
     return tool_input_schema(model, group=False).get("properties", {})
 
 
