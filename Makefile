@@ -1,6 +1,7 @@
 # flux-mcp — the two commands a newcomer needs:
 #   make demo   install what the demo needs, then run edit_image + compare_seeds through a real MCP client
-#   make test   install what the tests need (also chromium, for the viewer's browser tests), then lint + every test
+#   make test   install what the tests need (also chromium, for the viewer's browser tests, and the agent
+#               frameworks' own venv .venv-hosts), then lint + every test
 # Both create .venv/ on first use. `make bench` runs the benchmarks.
 # Packaging: `make dist` (sdist + wheel in dist/, checked by twine), `make bundle` (dist/flux-mcp-*.mcpb
 # for Claude Desktop, validated and packed by the official mcpb CLI from npm). `make test` tests both.
@@ -11,7 +12,7 @@ PY      = $(VENV)/bin/python
 # On the project's CPU machines this pin takes the CPU wheel on disk; on a GPU box it is the CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench serve clean conformance dist bundle
+.PHONY: install hosts demo test lint bench serve clean conformance dist bundle
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +39,20 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
 
-test: lint $(CHROMIUM)
-	CHROMIUM=$(CHROMIUM) $(PY) -m pytest
+# The agent frameworks (LangChain, OpenAI Agents SDK, pydantic-ai) pin mcp 1.x: they get their own venv,
+# rebuilt when tests/hosts/requirements.txt changes; tests/test_hosts.py runs tests/hosts in it.
+HOSTS_VENV ?= .venv-hosts
+
+$(HOSTS_VENV)/.installed: tests/hosts/requirements.txt
+	rm -rf $(HOSTS_VENV)
+	$(PYTHON) -m venv $(HOSTS_VENV)
+	$(HOSTS_VENV)/bin/python -m pip install --quiet -r tests/hosts/requirements.txt
+	touch $@
+
+hosts: $(HOSTS_VENV)/.installed
+
+test: lint $(CHROMIUM) hosts
+	CHROMIUM=$(CHROMIUM) FLUX_HOSTS_VENV=$(HOSTS_VENV) $(PY) -m pytest
 
 bench: install
 	$(PY) benchmarks/bench_hosted.py
@@ -47,6 +60,7 @@ bench: install
 	$(PY) benchmarks/bench_cns.py
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_queue.py
+	$(PY) benchmarks/bench_tokens.py
 
 # The MCP conformance suite's generic server scenarios against `flux-mcp serve --http` (needs the npm
 # registry; Node 22 is installed locally into .node/). The other scenarios need the suite's own test tools.
@@ -71,4 +85,4 @@ serve: install
 	$(VENV)/bin/flux-mcp
 
 clean:
-	rm -rf $(VENV) .node .pytest_cache .ruff_cache .hypothesis .test-cache build dist
+	rm -rf $(VENV) $(HOSTS_VENV) .node .pytest_cache .ruff_cache .hypothesis .test-cache build dist

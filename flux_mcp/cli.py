@@ -22,9 +22,10 @@ import anyio
 
 from . import __version__, doctor
 from .config import Settings
+from .docs import value_range
 from .errors import ConfigError, FluxMCPError
 from .redact import install_log_scrubbing
-from .schema import IMAGE_SIZE_PRESETS, CompareSeedsArgs, EditImageArgs, EditRequest
+from .schema import IMAGE_SIZE_PRESETS, CompareSeedsArgs, EditImageArgs, EditRequest, tool_input_schema
 
 __all__ = ["main"]
 
@@ -57,7 +58,9 @@ def _add_request_options(parser: argparse.ArgumentParser, model: type[Any]) -> N
         metavar="IMAGE",
         help="input images: file paths, https URLs, data URIs or flux://images/<id>",
     )
-    parser.add_argument("--prompt", "-p", required=True, help=EditRequest.model_fields["prompt"].description)
+    parser.add_argument(
+        "--prompt", "-p", required=True, help=_help(EditRequest.model_fields["prompt"].description)
+    )
     parser.add_argument(
         "--lora",
         action="append",
@@ -80,12 +83,17 @@ def _add_request_options(parser: argparse.ArgumentParser, model: type[Any]) -> N
             help='a grid axis, e.g. guidance_scale=3,5,7 or loras.0.scale=0.5,1 or \'prompt=["a", "b"]\' '
             "(a JSON list); repeat for a second axis",
         )
+    props = tool_input_schema(model, group=False)["properties"]
     for name, info in model.model_fields.items():
         if name in _SPECIAL:
             continue
         flag = "--" + name.replace("_", "-")
         annotation = info.annotation
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": info.description}
+        kwargs: dict[str, Any] = {
+            "dest": name,
+            "default": argparse.SUPPRESS,
+            "help": _help(info.description, props[name]),
+        }
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(annotation) is Literal:
@@ -97,6 +105,19 @@ def _add_request_options(parser: argparse.ArgumentParser, model: type[Any]) -> N
             base = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
             kwargs["type"] = base[0] if base[0] in (int, float, str) else str
         parser.add_argument(flag, **kwargs)
+
+
+def _help(description: str | None, prop: dict[str, Any] | None = None) -> str:
+    """An option's help: its description (naming this CLI's own commands), default and range, all
+    derived from the request model like the tools' schemas."""
+    text = (description or "").replace("list_presets", "`flux-mcp presets`")
+    facts = []
+    if prop is not None and prop.get("default") is not None:
+        facts.append(f"default {json.dumps(prop['default'])}")
+    if prop is not None and (span := value_range(prop)):
+        facts.append(span)
+    # argparse formats help with %: a literal percent sign must be doubled.
+    return (text + (f" ({'; '.join(facts)})" if facts else "")).replace("%", "%%")
 
 
 def _request_args(ns: argparse.Namespace, model: type[Any]) -> dict[str, Any]:
@@ -212,10 +233,9 @@ def _presets(settings: Settings, as_json: bool) -> None:
 
 
 def _schema(tool: str) -> None:
-    from .schema import tool_input_schema
-
     model = {"edit_image": EditImageArgs, "compare_seeds": CompareSeedsArgs, "request": EditRequest}[tool]
-    print(json.dumps(tool_input_schema(model), indent=2))
+    # "request" is the endpoint's own body: its names, flat.
+    print(json.dumps(tool_input_schema(model, group=tool != "request"), indent=2))
 
 
 def _calibrate(settings: Settings, ns: argparse.Namespace) -> int:
@@ -299,9 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
 
     presets = sub.add_parser("presets", help="list presets, image sizes, the LoRA library and the backend")
-    presets.add_argument("--json", action="store_true")
+    presets.add_argument("--json", action="store_true", help="print the structured result as JSON")
     schema = sub.add_parser("schema", help="print a tool's JSON Schema (derived from the request model)")
-    schema.add_argument("--tool", choices=["edit_image", "compare_seeds", "request"], default="edit_image")
+    schema.add_argument(
+        "--tool",
+        choices=["edit_image", "compare_seeds", "request"],
+        default="edit_image",
+        help="which schema: a tool's arguments, or the endpoint's request body (default edit_image)",
+    )
 
     calib = sub.add_parser(
         "calibrate-cns",
@@ -323,7 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run edit_image and compare_seeds through a real MCP client "
         "(offline tiny model without FAL_KEY, hosted endpoint with it)",
     )
-    demo.add_argument("--backend", choices=["auto", "local", "fal"], default="auto")
+    demo.add_argument(
+        "--backend",
+        choices=["auto", "local", "fal"],
+        default="auto",
+        help="auto: the hosted endpoint with FAL_KEY, else the offline tiny model (default auto)",
+    )
     demo.add_argument("--output-dir", default=None, help="where the demo saves its results")
 
     check = sub.add_parser("doctor", help="check the set-up (backend, key, folders, GPU) and say what to fix")

@@ -225,6 +225,15 @@ SETTINGS: tuple[Setting, ...] = (
         "host's tool-call timeout, ~60 s in Claude Desktop); the work goes on and get_result collects it.",
     ),
     Setting(
+        "FLUX_MCP_RESOURCE_LINKS",
+        "resource_links",
+        _bool,
+        "false",
+        "Also return one resource_link block (flux://images/<id>) per image. Off by default: LangChain "
+        "agents turn such links into image URLs their model providers reject, and some Claude Desktop "
+        "builds refused them; the ids and URIs are always in the text and structured content.",
+    ),
+    Setting(
         "FLUX_MCP_JOB_TIMEOUT_S",
         "job_timeout_s",
         _float(1, 86400),
@@ -375,6 +384,7 @@ class Settings:
     max_cost_usd: float | None = None
     max_grid_cells: int = 16
     call_budget_s: float = 50.0
+    resource_links: bool = False
     job_timeout_s: float = 600.0
     download_timeout_s: float = 60.0
     max_download_mb: float = 64.0

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from .config import SETTINGS
 from .schema import CompareSeedsArgs, EditImageArgs
 
-__all__ = ["render_settings", "render_tool", "update_readme"]
+__all__ = ["render_settings", "render_tool", "update_readme", "value_range"]
 
 
 def render_settings() -> str:
@@ -43,7 +43,8 @@ def _type(prop: dict[str, Any]) -> str:
     return kind
 
 
-def _range(prop: dict[str, Any]) -> str:
+def value_range(prop: dict[str, Any]) -> str:
+    """A property's range as people read it: ``0–20``, ``>0–14142``, ``1–4 items``."""
     for option in prop.get("anyOf", []):
         if option.get("type") != "null":
             prop = {**option, **{k: v for k, v in prop.items() if k != "anyOf"}}
@@ -62,27 +63,36 @@ def _num(value: float) -> str:
 
 
 def render_tool(model: type[BaseModel]) -> str:
-    from .schema import tool_input_schema
+    """One row per argument; the ``cns`` object's members follow it as ``cns.<name>`` rows, each with
+    the endpoint field it is (``cns_<name>``) and its full explanation."""
+    from .schema import CNS_GROUP, CNS_PREFIX, cns_guide, tool_input_schema
 
     schema = tool_input_schema(model)
     required = set(schema.get("required", []))
+    described_in = getattr(model, "described_in", None)
+    elsewhere = f"as in {_TOOL_OF[described_in]}" if described_in else ""
     rows = ["| argument | type | default | range | meaning |", "|---|---|---|---|---|"]
     for name, prop in schema["properties"].items():
-        default = (
-            "required"
-            if name in required
-            else f"`{json.dumps(prop['default'])}`"
-            if "default" in prop
-            else ""
-        )
-        rows.append(
-            f"| `{name}` | {_type(prop)} | {default} | {_range(prop)} | {_cell(prop.get('description', ''))} |"
-        )
+        rows.append(_row(name, prop, name in required, prop.get("description", elsewhere)))
+        if name == CNS_GROUP:
+            for member, inner in prop["properties"].items():
+                meaning = f"endpoint: `{CNS_PREFIX}{member}`. " + (
+                    elsewhere or cns_guide()[f"{CNS_GROUP}.{member}"]
+                )
+                rows.append(_row(f"{CNS_GROUP}.{member}", inner, False, meaning))
     return "\n".join(rows)
+
+
+def _row(name: str, prop: dict[str, Any], required: bool, meaning: str) -> str:
+    default = "required" if required else f"`{json.dumps(prop['default'])}`" if "default" in prop else ""
+    return f"| `{name}` | {_type(prop)} | {default} | {value_range(prop)} | {_cell(meaning)} |"
 
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+_TOOL_OF: dict[Any, str] = {EditImageArgs: "edit_image", CompareSeedsArgs: "compare_seeds"}
 
 
 def _tables() -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Presets (named sets of request fields) and the user's LoRA library.
 
-A preset fills only the arguments the caller did not give: explicit arguments always win, also
-when they equal the endpoint default. The user's file (TOML, ``FLUX_MCP_PRESETS``) adds presets and
+A preset fills the arguments the caller did not give, sent as null or sent at the endpoint's default
+(``PRESET_RULE``: strict function-calling hosts send every field, defaults included); any other value
+the caller gives wins. The user's file (TOML, ``FLUX_MCP_PRESETS``) adds presets and
 library LoRAs; it is re-read whenever it changes, and a broken file gives a ``PresetError`` naming the
 file and line while the built-in presets keep working. ``examples/presets.toml`` shows every feature.
 
@@ -21,8 +22,11 @@ This module knows nothing about MCP or the backends.
 
 from __future__ import annotations
 
+import difflib
+import re
 import threading
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,23 @@ from pydantic import ValidationError
 from .errors import InvalidRequest, PresetError
 from .schema import EditRequest
 
-__all__ = ["BUILTIN_PRESETS", "LoraEntry", "Preset", "PresetLibrary", "apply_preset"]
+__all__ = [
+    "BUILTIN_PRESETS",
+    "PRESET_RULE",
+    "LoraEntry",
+    "Preset",
+    "PresetLibrary",
+    "apply_preset",
+    "did_you_mean",
+]
+
+
+#: Which arguments a preset fills (list_presets shows it; ``arguments.normalize`` applies it).
+PRESET_RULE = (
+    "A preset fills every argument you leave out, send as null, or send at the endpoint's default "
+    "value; any other value you give wins. (Strict hosts send every field: their defaults never "
+    "undo a preset.) To keep a default the preset changes, leave the preset out."
+)
 
 
 @dataclass(frozen=True)
@@ -125,8 +145,13 @@ def _check_params(params: dict[str, Any], where: str) -> None:
 
 def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """pydantic's errors as 'field: what is wrong (got X)' lines, with the allowed range."""
+    return describe_errors_of(exc.errors(include_url=False), prefix)
+
+
+def describe_errors_of(errors: Sequence[Any], prefix: str = "") -> str:
+    """``describe_validation_error`` for a list of pydantic's error dicts."""
     lines = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         # Field names come from the caller too (unknown keys): keep each part short.
         parts = [str(p) for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         loc = ".".join(p if len(p) <= 60 else p[:57] + "..." for p in parts)
@@ -235,6 +260,29 @@ def _tables(doc: dict[str, Any], key: str, path: Path) -> dict[str, dict[str, An
     return tables
 
 
+def did_you_mean(name: str, choices: list[str]) -> str:
+    """'did you mean 'x' or 'y'?' for the choices nearest ``name`` (empty when none is close)."""
+    near = difflib.get_close_matches(name, choices, n=2, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+
+
+_BARE_NAME = re.compile(r"^[^/:.\\]+$")
+
+
+def _check_lora_path(path: str, index: int, names: list[str]) -> None:
+    """A bare word is neither a URL, a repo id nor a .safetensors file: no backend can use it, so it
+    is a misspelled library name. Refused before anything is sent or paid for."""
+    if not _BARE_NAME.match(path.strip()):
+        return
+    hint = did_you_mean(path, names)
+    library = f"library: {', '.join(names)}" if names else "the LoRA library is empty"
+    raise InvalidRequest(
+        f"loras.{index}.path: {_short(path)} is not a LoRA library name ({library}), an https URL or a "
+        f"Hugging Face repo id (owner/name); nothing was sent.{' ' + hint.capitalize() if hint else ''}",
+        field=f"loras.{index}.path",
+    )
+
+
 def apply_preset(
     args: dict[str, Any], library: PresetLibrary
 ) -> tuple[dict[str, Any], Preset | None, list[dict[str, Any]]]:
@@ -266,6 +314,8 @@ def apply_preset(
                 entry = loras[lora["path"]]
                 lora = {"scale": entry.scale, **lora, "path": entry.path}
                 used.append({"name": entry.name, "path": entry.path, "trigger_word": entry.trigger_word})
+            elif isinstance(lora, dict) and isinstance(lora.get("path"), str):
+                _check_lora_path(lora["path"], len(resolved), sorted(loras))
             resolved.append(lora)
         args["loras"] = resolved
     return args, preset, used

@@ -9,10 +9,14 @@ This module knows nothing about MCP, the backends or the store's files.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+from .presets import PRESET_RULE
+from .schema import cns_guide
 
 __all__ = [
     "CompareOutcome",
@@ -30,8 +34,10 @@ __all__ = [
     "PresetOut",
     "PresetsOutput",
     "SeedRun",
+    "cancel_step",
     "compare_summary",
     "edit_summary",
+    "pending_step",
     "pending_summary",
     "presets_summary",
 ]
@@ -91,6 +97,20 @@ class _CallOutput(BaseModel):
     details: dict[str, Any] = Field(
         default_factory=dict, description="Backend facts (request id, CNS gamma)."
     )
+    next_step: str | None = Field(
+        None, description="What to do next (collect a running job, or keep editing a result)."
+    )
+
+    @model_validator(mode="after")
+    def _fill_next_step(self) -> _CallOutput:
+        # In the structured content too: hosts such as pydantic-ai show the model only that when
+        # every content block is text (a still-running job's answer).
+        if self.next_step is None:
+            self.next_step = pending_step(self.job) if self.job is not None else self._done_step()
+        return self
+
+    def _done_step(self) -> str:
+        return EDIT_NEXT
 
 
 class EditOutput(_CallOutput):
@@ -100,6 +120,40 @@ class EditOutput(_CallOutput):
     seed: int | None = Field(
         None, description="Seed of the first image; image i used seed + i (modulo 2^32)."
     )
+
+
+#: What to do after an edit (text summary and structured content say the same).
+EDIT_NEXT = "To keep editing a result, pass its flux://images/<id> in image_urls."
+COMPARE_NEXT = (
+    "Next: call edit_image with the seed you prefer (e.g. with preset 'quality'), "
+    "or pass that image's flux://images/<id> in image_urls to edit it further."
+)
+GRID_NEXT = (
+    "Next: re-run the cell you prefer with edit_image: params with that cell's values and seed "
+    "(structured content: grid.cells), or pass its flux://images/<id> in image_urls."
+)
+
+
+def pending_step(info: JobInfo) -> str:
+    """The next step of a call that is still running as a job."""
+    if info.state == "cancelling":
+        return (
+            f"It is being cancelled and nothing will be saved; get_result with job_id={info.id!r} says when "
+            "it has stopped."
+        )
+    return (
+        f"Call get_result with job_id={info.id!r} (and wait_s up to a minute) to collect it, "
+        "or cancel_job to stop it."
+    )
+
+
+def cancel_step(info: JobInfo) -> str:
+    """The next step after cancel_job, by the job's state."""
+    if info.state == "done":
+        return f"It had already finished: call get_result with job_id={info.id!r} to collect it."
+    if info.state == "failed":
+        return f"It had failed: {info.error or 'see get_result'}."
+    return "Nothing was saved for it; call edit_image or compare_seeds again to retry."
 
 
 class SeedRun(BaseModel):
@@ -140,6 +194,9 @@ class CompareOutput(_CallOutput):
     failed_seeds: list[int] = Field(default_factory=list, description="The seed of each failed cell.")
     grid: Grid | None = Field(None, description="Set when arguments were varied (vary).")
 
+    def _done_step(self) -> str:
+        return COMPARE_NEXT if self.grid is None else GRID_NEXT
+
 
 class PresetOut(BaseModel):
     name: str
@@ -174,6 +231,14 @@ class PresetsOutput(BaseModel):
     setup_problems: list[str] = Field(
         default_factory=list, description="What `flux-mcp doctor` finds wrong with the set-up, with the fix."
     )
+    preset_rule: str = Field(PRESET_RULE, description="Which arguments a preset fills.")
+    cns_guide: dict[str, str] = Field(
+        default_factory=cns_guide, description="What each cns setting of edit_image/compare_seeds does."
+    )
+    next_step: str = (
+        "Name a preset in edit_image or compare_seeds (preset: NAME); use a library LoRA by its name as "
+        "loras[].path and put its trigger word in the prompt."
+    )
 
 
 @dataclass
@@ -200,8 +265,8 @@ def edit_summary(out: EditOutput) -> str:
     ]
     for i, img in enumerate(out.images, 1):
         lines.append(f"{i}. {img.uri} -> {img.path} ({img.width}x{img.height}, seed {img.seed})")
-    lines += _tail(out.library_loras, out.notes)
-    lines.append("To keep editing a result, pass its flux://images/<id> in image_urls.")
+    lines += _tail(out.notes)
+    lines.append(out.next_step or EDIT_NEXT)
     return "\n".join(lines)
 
 
@@ -229,34 +294,26 @@ def compare_summary(out: CompareOutput) -> str:
             lines.append(f"- {label}: {run.image.uri} -> {run.image.path}")
         else:
             lines.append(f"- {label}: FAILED: {run.error}")
-    lines += _tail(out.library_loras, out.notes)
-    if out.grid is None:
-        lines.append(
-            "Next: call edit_image with the seed you prefer (e.g. with preset 'quality'), "
-            "or pass that image's flux://images/<id> in image_urls to edit it further."
-        )
-    else:
-        lines.append(
-            "Next: re-run the cell you prefer with edit_image: params with that cell's values and seed "
-            "(structured content: grid.cells), or pass its flux://images/<id> in image_urls."
-        )
+    lines += _tail(out.notes)
+    lines.append(out.next_step or COMPARE_NEXT)
     return "\n".join(lines)
 
 
-def pending_summary(info: JobInfo) -> str:
+def pending_summary(info: JobInfo, notes: Sequence[str] = ()) -> str:
     done = f"{info.progress:g}/{info.total:g}" if info.total else f"{info.progress:g}"
     if info.state == "cancelling":
         return f"Job {info.id} is being cancelled (progress {done}): it stops at its next step; nothing will be saved."
-    return (
+    lines = [
         f"Still running after the server's time budget: job {info.id} ({info.state}, progress {done}: "
         f"{info.message or 'working'}). The work continues on the server and every image will be saved. "
-        f"Call get_result with job_id={info.id!r} (and wait_s up to a minute) to collect it, "
-        "or cancel_job to stop it."
-    )
+        + pending_step(info),
+        *_tail(list(notes)),
+    ]
+    return "\n".join(lines)
 
 
 def presets_summary(out: PresetsOutput) -> str:
-    lines = ["Presets (arguments you give always win over a preset's):"]
+    lines = [f"Presets. {out.preset_rule}"]
     for p in out.presets:
         params = ", ".join(f"{k}={v}" for k, v in p.params.items())
         lines.append(f"- {p.name} [{p.source}]: {p.description} ({params})")
@@ -276,19 +333,12 @@ def presets_summary(out: PresetsOutput) -> str:
     else:
         lines.append(f"Backend: not available: {backend.get('error')}")
     lines += [f"Set-up problem: {line}" for line in out.setup_problems]
+    lines.append(out.next_step)
     return "\n".join(lines)
 
 
-def _tail(library_loras: list[LoraUse], notes: list[str]) -> list[str]:
-    lines = []
-    for lora in library_loras:
-        if lora.trigger_word:
-            lines.append(
-                f"LoRA {lora.name!r} has the trigger word {lora.trigger_word!r}: include it in the prompt "
-                "if it is not there (the prompt was sent as you wrote it)."
-            )
-    lines += [f"Note: {n}" for n in notes]
-    return lines
+def _tail(notes: list[str]) -> list[str]:
+    return [f"Note: {n}" for n in notes]
 
 
 def _short(value: Any) -> str:

@@ -13,11 +13,14 @@ This module knows nothing about MCP, fal-client, torch or the filesystem.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 __all__ = [
+    "CNS_DESCRIPTION",
+    "CNS_GROUP",
+    "CNS_PREFIX",
     "ENDPOINT_ID",
     "IMAGE_SIZE_PRESETS",
     "MAX_OUTPUT_PIXELS",
@@ -31,6 +34,8 @@ __all__ = [
     "ImageSizePreset",
     "LoraWeight",
     "VaryAxis",
+    "cns_guide",
+    "host_schema",
     "image_seeds",
     "output_size",
     "tool_input_schema",
@@ -60,6 +65,9 @@ MAX_SIDE = 14142
 MAX_OUTPUT_PIXELS = MAX_SIDE * MAX_SIDE
 
 _STRICT = ConfigDict(extra="forbid")
+#: The endpoint's CNS knobs are ``cns_<name>``; the tools advertise them as one ``cns`` object.
+CNS_PREFIX = "cns_"
+CNS_GROUP = "cns"
 
 
 class ImageSize(BaseModel):
@@ -67,8 +75,8 @@ class ImageSize(BaseModel):
 
     model_config = _STRICT
 
-    width: int = Field(512, gt=0, le=MAX_SIDE, description="Output width in pixels (512-2048 works best).")
-    height: int = Field(512, gt=0, le=MAX_SIDE, description="Output height in pixels (512-2048 works best).")
+    width: int = Field(512, gt=0, le=MAX_SIDE, description="Pixels.")
+    height: int = Field(512, gt=0, le=MAX_SIDE, description="Pixels.")
 
 
 class LoraWeight(BaseModel):
@@ -80,8 +88,8 @@ class LoraWeight(BaseModel):
         min_length=1,
         max_length=2048,
         description=(
-            "Where the LoRA weights are: an https URL of a .safetensors file, a Hugging Face repo id "
-            "(owner/name), or the name of an entry in the user's LoRA library (see list_presets)."
+            "https URL of a .safetensors file, Hugging Face repo id (owner/name), or a LoRA library name "
+            "(list_presets)."
         ),
     )
     scale: float = Field(
@@ -89,14 +97,8 @@ class LoraWeight(BaseModel):
         ge=0,
         le=4,
         allow_inf_nan=False,
-        description=(
-            "How strongly the LoRA is applied (0-4). Start at 1.0; lower each scale when combining LoRAs."
-        ),
+        description=("Strength; start at 1, lower each when combining LoRAs."),
     )
-
-
-def _cns(description: str) -> str:
-    return description + " Only used when enable_cns is true."
 
 
 class EditRequest(BaseModel):
@@ -108,23 +110,21 @@ class EditRequest(BaseModel):
         min_length=1,
         max_length=10_000,
         description=(
-            "What the edit should produce. If a LoRA was trained with a trigger word, include it "
-            "(list_presets shows library LoRAs' trigger words); describe the scene around the subject normally."
+            "What the edit should produce. Include the LoRA's trigger word, if it has one (list_presets)."
         ),
     )
     image_urls: list[str] = Field(
         min_length=1,
         max_length=4,
         description=(
-            "1-4 input images. Each item is an https URL, a data URI (data:image/png;base64,...), "
-            "a local file path inside the allowed input folders, or flux://images/<id> of an earlier "
-            "result (to chain edits without re-uploading)."
+            "Input images: https URL, data URI, local file path (images attached in a chat do not reach "
+            "the server), or flux://images/<id> of an earlier result."
         ),
     )
     negative_prompt: str = Field(
         "",
         max_length=10_000,
-        description="What the model should avoid (negative prompt for classifier-free guidance).",
+        description="What to avoid.",
     )
     guidance_scale: float = Field(
         5.0,
@@ -132,60 +132,43 @@ class EditRequest(BaseModel):
         le=20,
         allow_inf_nan=False,
         description=(
-            "How strictly the result follows the prompt (CFG). Stay near 5 and move in steps of 0.5: "
-            "too high looks stiff and oversaturated, too low wanders."
+            "How strictly to follow the prompt (CFG); stay near 5, steps of 0.5: higher looks stiff, lower wanders."
         ),
     )
     seed: int | None = Field(
         None,
         ge=0,
         le=MAX_SEED,
-        description=(
-            "Random seed. The same seed with the same inputs gives a nearly identical image; fix it "
-            "when comparing LoRA scales or parameters. Omit for a random seed (reported in the result). "
-            "With num_images, image i uses seed + i modulo 2^32."
-        ),
+        description="Same seed + inputs = nearly the same image; omit for a random one (reported).",
     )
     num_inference_steps: int = Field(
         28,
         ge=4,
         le=50,
-        description="Denoising steps. More steps refine more but take longer; halving them is the quickest speed-up.",
+        description="Denoising steps: more refine more, fewer are faster.",
     )
     image_size: ImageSizePreset | ImageSize | None = Field(
         None,
         description=(
-            "Output size: a preset name (square_hd 1024x1024, square 512x512, portrait_4_3 768x1024, "
-            "portrait_16_9 576x1024, landscape_4_3 1024x768, landscape_16_9 1024x576) or "
-            '{"width": W, "height": H}. Omit to keep the size of the first input image.'
+            "A size name (list_presets) or {width, height} (512-2048 px work best); omit to keep the first "
+            "input's size."
         ),
     )
-    num_images: int = Field(
-        1,
-        ge=1,
-        le=4,
-        description=(
-            "How many images to generate in this call (1-4); image i uses seed + i, wrapped modulo 2^32 "
-            "(after 4294967295 comes 0), so every reported seed can be passed back."
-        ),
-    )
+    num_images: int = Field(1, ge=1, le=4, description="Image i uses seed + i (mod 2^32).")
     acceleration: Literal["none", "regular", "high"] = Field(
         "regular",
-        description="Speed/quality trade of the backend: 'regular' balances; 'high' for drafts and iteration; 'none' for best quality.",
+        description="'high' for drafts, 'none' for best quality.",
     )
     sync_mode: bool = Field(
         False,
-        description="Return the result inline as a data URI and do not store it on fal's CDN (privacy). Results are still saved locally.",
+        description="Don't store results on fal's CDN (privacy); still saved locally.",
     )
-    enable_safety_checker: bool = Field(True, description="Run a safety filter on the outputs.")
-    output_format: Literal["jpeg", "png", "webp"] = Field(
-        "png", description="File format of the result images."
-    )
+    enable_safety_checker: bool = Field(True, description="Filter unsafe outputs.")
+    output_format: Literal["jpeg", "png", "webp"] = Field("png", description="Result file format.")
     enable_cns: bool = Field(
         False,
         description=(
-            "Enable Colored Noise Sampling, an experimental stochastic sampler; the cns_* fields only "
-            "matter when this is on. Leave off unless deliberately experimenting."
+            "Colored Noise Sampling, an experimental sampler (settings: cns). Leave off unless experimenting."
         ),
     )
     cns_s_churn: float = Field(
@@ -193,16 +176,16 @@ class EditRequest(BaseModel):
         ge=0,
         le=2,
         allow_inf_nan=False,
-        description=_cns(
-            "Strength of the coloured noise injected after each step; 0 = deterministic (identical to "
-            "plain sampling). Tune this first."
+        description=(
+            "Noise strength; tune first. The coloured noise injected after each step; 0 = deterministic "
+            "(identical to plain sampling)."
         ),
     )
     cns_gamma_source: Literal["matrix", "approximation"] = Field(
         "matrix",
-        description=_cns(
-            "Where per-frequency progress gamma(f,t) comes from: 'matrix' (measured per band; noise goes to "
-            "unresolved bands) or 'approximation' (uniform across bands; shaping comes only from the alpha tilt)."
+        description=(
+            "Source of per-band progress gamma. 'matrix': measured per band, noise goes to unresolved "
+            "bands; 'approximation': uniform across bands, shaping comes only from the alpha tilt."
         ),
     )
     cns_power_gamma: float = Field(
@@ -210,9 +193,9 @@ class EditRequest(BaseModel):
         ge=0.1,
         le=3,
         allow_inf_nan=False,
-        description=_cns(
-            "Exponent on (1 - gamma): higher concentrates noise on unresolved bands, lower is flatter. "
-            "No effect under 'approximation'."
+        description=(
+            "Exponent on (1 - gamma). Higher concentrates noise on unresolved bands, lower is flatter; "
+            "no effect under 'approximation'."
         ),
     )
     cns_gamma_divider: float = Field(
@@ -220,9 +203,9 @@ class EditRequest(BaseModel):
         ge=0.1,
         le=50,
         allow_inf_nan=False,
-        description=_cns(
-            "Divides gamma first, weakening the colouring towards white noise. Paper: 1.73 for "
-            "unguided/distilled, 25 for CFG/base models like this one."
+        description=(
+            "Divides gamma; 25 suits this CFG model. Larger weakens the colouring towards white noise; the "
+            "paper uses 1.73 for unguided/distilled models."
         ),
     )
     cns_alpha_tilt_start: float = Field(
@@ -230,8 +213,9 @@ class EditRequest(BaseModel):
         ge=-2,
         le=2,
         allow_inf_nan=False,
-        description=_cns(
-            "Frequency tilt at the start of sampling: >0 boosts high frequencies (texture, detail), <0 low (structure)."
+        description=(
+            "Start tilt: >0 detail, <0 structure. The frequency tilt at the start of sampling: >0 boosts high "
+            "frequencies (texture, detail), <0 low ones (structure)."
         ),
     )
     cns_alpha_tilt_end: float = Field(
@@ -239,46 +223,43 @@ class EditRequest(BaseModel):
         ge=-2,
         le=2,
         allow_inf_nan=False,
-        description=_cns(
-            "Frequency tilt at the end of sampling: >0 boosts high frequencies, <0 low. The default favours structure."
+        description=(
+            "End tilt: >0 detail, <0 structure. The frequency tilt at the end of sampling; the default favours "
+            "structure."
         ),
     )
     cns_alpha_use_fnorm: bool = Field(
         True,
-        description=_cns("Use a smooth frequency-weighted tilt exp(alpha*f) instead of a flat (1 + alpha)."),
+        description="Smooth tilt exp(alpha*f). Instead of a flat (1 + alpha).",
     )
-    cns_alpha_exp_interp: bool = Field(
-        True, description=_cns("Interpolate the tilt start->end exponentially instead of linearly.")
-    )
+    cns_alpha_exp_interp: bool = Field(True, description="Exponential tilt start->end. Linear when false.")
     cns_alpha_exp_sharpness: float = Field(
         0.75,
         ge=0.1,
         le=10,
         allow_inf_nan=False,
-        description=_cns("Sharpness of the exponential tilt interpolation (only with cns_alpha_exp_interp)."),
+        description="Sharpness of the exponential tilt. Only with alpha_exp_interp.",
     )
     cns_num_freq_bins: int = Field(
         32,
         ge=8,
         le=128,
-        description=_cns("How many radial frequency bands the spectrum is split into."),
+        description="Radial frequency bands. How many the spectrum is split into.",
     )
     cns_energy_scale: float = Field(
         0.98,
         ge=0.5,
         le=1.5,
         allow_inf_nan=False,
-        description=_cns(
-            "Multiplier on the injected noise after variance normalisation (paper: 0.98 unguided, 0.998 guided)."
+        description=(
+            "Noise multiplier; 0.998 when guided. Applied after variance normalisation (paper: 0.98 "
+            "unguided, 0.998 guided)."
         ),
     )
     loras: list[LoraWeight] = Field(
         [],  # pydantic copies mutable defaults per instance; a literal keeps "default": [] in the schema
         max_length=3,
-        description=(
-            "Up to 3 LoRAs, each {path, scale}. Order does not matter, scales do; stacking strong LoRAs "
-            "degrades them, so lower each scale when combining."
-        ),
+        description=("Edit LoRAs to apply; stacking strong ones degrades them."),
     )
 
     def payload(self) -> dict[str, Any]:
@@ -312,14 +293,20 @@ _PRESET_FIELD = (
         None,
         max_length=200,
         description=(
-            "Name of a preset from list_presets. It fills only the arguments you do not give; "
-            "your explicit arguments always win."
+            "A preset (list_presets). It fills the arguments you omit or send at their default; other "
+            "values you give win."
         ),
     ),
 )
 
 
-def _derived(name: str, doc: str, *, drop: tuple[str, ...] = (), **extra: Any) -> type[BaseModel]:
+def _derived(
+    name: str,
+    doc: str,
+    *,
+    drop: tuple[str, ...] = (),
+    **extra: Any,
+) -> type[BaseModel]:
     """A model with EditRequest's fields (minus ``drop``) plus ``extra``: derived, never restated."""
     fields: dict[str, Any] = {
         field_name: (info.annotation, info)
@@ -341,7 +328,7 @@ class VaryAxis(BaseModel):
 
     model_config = _STRICT
 
-    field: str = Field(max_length=40, description="e.g. guidance_scale, loras.0.scale, prompt")
+    field: str = Field(max_length=40, description="e.g. guidance_scale, cns.s_churn, loras.0.scale, prompt")
     values: list[Any] = Field(min_length=2, max_length=8)
 
 
@@ -351,13 +338,12 @@ _CompareSeedsBase = _derived(
     drop=("seed", "num_images"),
     preset=_PRESET_FIELD,
     seeds=(
-        list[int] | None,
+        list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None,
         Field(
             None,
             min_length=1,
             max_length=8,
-            description="2-8 distinct seeds to compare (1 is enough with vary). Give either seeds or count, not both.",
-            json_schema_extra={"items": {"type": "integer", "minimum": 0, "maximum": MAX_SEED}},
+            description="2-8 distinct seeds (1 with vary). Give seeds or count.",
         ),
     ),
     count=(
@@ -366,7 +352,7 @@ _CompareSeedsBase = _derived(
             None,
             ge=1,
             le=8,
-            description="How many random seeds to compare (2-8, or 1+ with vary; reported). Give either seeds or count.",
+            description="How many random seeds (2-8, 1 with vary).",
         ),
     ),
     vary=(
@@ -376,9 +362,8 @@ _CompareSeedsBase = _derived(
             min_length=1,
             max_length=2,
             description=(
-                "Grid: 1-2 axes {field, values (2-8)}, all at one seed unless seeds/count give more (a shared random "
-                "seed if neither). field: a numeric/enum/boolean argument (guidance_scale, num_inference_steps, "
-                "acceleration, cns_s_churn...), loras.N.scale or prompt. Cells are capped (16 by default)."
+                "Grid axes: a numeric/enum/boolean argument, loras.N.scale or prompt, each with 2-8 values; "
+                "one seed unless seeds/count give more. At most 16 cells by default."
             ),
         ),
     ),
@@ -386,6 +371,9 @@ _CompareSeedsBase = _derived(
 
 
 class CompareSeedsArgs(_CompareSeedsBase):  # type: ignore[misc,valid-type]
+    #: Hosts send every tool each turn: the arguments shared with edit_image are described there only.
+    described_in: ClassVar[type[BaseModel]] = EditImageArgs
+
     @model_validator(mode="after")
     def _seeds_or_count(self) -> CompareSeedsArgs:
         if self.seeds is not None and self.count is not None:
@@ -397,16 +385,15 @@ class CompareSeedsArgs(_CompareSeedsBase):  # type: ignore[misc,valid-type]
                 )
             if len(self.seeds or [0, 0]) < 2 or (self.count or 2) < 2:
                 raise ValueError("compare at least 2 seeds, or give 'vary' to compare parameters at one seed")
-        if self.seeds is not None:
-            if len(set(self.seeds)) != len(self.seeds):
-                raise ValueError("'seeds' must be distinct integers")
-            if any(s < 0 or s > MAX_SEED for s in self.seeds):
-                raise ValueError(f"every seed in 'seeds' must be between 0 and {MAX_SEED}")
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("'seeds' must be distinct integers")
         return self
 
 
-def tool_input_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """A model's JSON Schema with every ``$ref`` inlined (several hosts do not follow $defs)."""
+def tool_input_schema(model: type[BaseModel], *, group: bool = True) -> dict[str, Any]:
+    """A model's JSON Schema as hosts are given it: every ``$ref`` inlined (several hosts do not follow
+    $defs), pydantic's ``title`` keys dropped (hosts send them to the model on every turn for nothing),
+    and, with ``group``, the ``cns_*`` fields as one ``cns`` object (``cns.s_churn`` is ``cns_s_churn``)."""
     schema = model.model_json_schema()
     defs = schema.pop("$defs", {})
 
@@ -414,14 +401,85 @@ def tool_input_schema(model: type[BaseModel]) -> dict[str, Any]:
         if isinstance(node, dict):
             ref = node.get("$ref")
             if isinstance(ref, str) and ref.startswith("#/$defs/"):
-                target = inline(defs[ref.split("/")[-1]])
+                # The nested model's docstring is for readers of the code; the field says what it is for.
+                target = {k: v for k, v in inline(defs[ref.split("/")[-1]]).items() if k != "description"}
                 return {**target, **{k: inline(v) for k, v in node.items() if k != "$ref"}}
             return {k: inline(v) for k, v in node.items()}
         if isinstance(node, list):
             return [inline(v) for v in node]
         return node
 
-    return inline(schema)
+    schema = host_schema(inline(schema))
+    if group and "properties" in schema:
+        schema["properties"] = _group_cns(schema["properties"])
+    elsewhere = getattr(model, "described_in", None)
+    if elsewhere is not None:
+        shared = set(tool_input_schema(elsewhere, group=group)["properties"])
+        for name in shared & set(schema["properties"]):
+            schema["properties"][name] = _without(schema["properties"][name], "description")
+    return schema
+
+
+def host_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """An input schema as hosts should get it: no ``title`` keys, no model docstring (the tool has its
+    own description), and closed to unknown keys (strict function calling needs
+    ``additionalProperties: false``, even on a tool without arguments)."""
+    schema = _without(schema, "title")
+    schema.pop("description", None)
+    schema.setdefault("additionalProperties", False)
+    return schema
+
+
+def _without(node: Any, key: str, properties: bool = False) -> Any:
+    """``node`` without ``key`` in any schema it holds (a *property* of that name, inside
+    ``properties``, is kept)."""
+    if isinstance(node, list):
+        return [_without(v, key) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if properties:
+        return {k: _without(v, key) for k, v in node.items()}
+    return {k: _without(v, key, k == "properties") for k, v in node.items() if k != key}
+
+
+def _briefly(prop: dict[str, Any]) -> dict[str, Any]:
+    """A CNS knob with the first sentence of its description (the rest: list_presets' cns_guide)."""
+    if "description" not in prop:
+        return prop
+    return {**prop, "description": prop["description"].split(". ")[0].rstrip(".") + "."}
+
+
+def cns_guide() -> dict[str, str]:
+    """Each CNS knob's full explanation, as the tools name it (``cns.s_churn``)."""
+    return {
+        CNS_GROUP + "." + name[len(CNS_PREFIX) :]: info.description or ""
+        for name, info in EditRequest.model_fields.items()
+        if name.startswith(CNS_PREFIX)
+    }
+
+
+#: The ``cns`` object's description: the condition the knobs share is said once.
+CNS_DESCRIPTION = (
+    "Colored Noise Sampling settings (endpoint: cns_<name>), used only when enable_cns is true; give the "
+    "ones you change. Presets cns_guided/cns_detail set good values; list_presets explains each."
+)
+
+
+def _group_cns(properties: dict[str, Any]) -> dict[str, Any]:
+    """The ``cns_*`` properties moved into one ``cns`` object, where the first of them stood."""
+    knobs = {n[len(CNS_PREFIX) :]: _briefly(p) for n, p in properties.items() if n.startswith(CNS_PREFIX)}
+    grouped: dict[str, Any] = {}
+    for name, prop in properties.items():
+        if not name.startswith(CNS_PREFIX):
+            grouped[name] = prop
+        elif CNS_GROUP not in grouped:
+            grouped[CNS_GROUP] = {
+                "type": "object",
+                "description": CNS_DESCRIPTION,
+                "properties": knobs,
+                "additionalProperties": False,
+            }
+    return grouped
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import inspect
 import ipaddress
 import logging
 import sys
@@ -41,12 +42,13 @@ from .results import (
     EditOutcome,
     EditOutput,
     PresetsOutput,
+    cancel_step,
     compare_summary,
     edit_summary,
     pending_summary,
     presets_summary,
 )
-from .schema import CompareSeedsArgs, EditImageArgs, tool_input_schema
+from .schema import CompareSeedsArgs, EditImageArgs, host_schema, tool_input_schema
 from .service import FluxService
 
 __all__ = [
@@ -148,7 +150,10 @@ async def _call_as_job(ctx: Context, tool: str, arguments: dict[str, Any]) -> Ca
 async def _job_result(jobs: JobManager, job: Job) -> CallToolResult:
     if job.state == "done":
         outcome = await jobs.outcome(job)
-        return render_compare(outcome) if isinstance(outcome, CompareOutcome) else render_edit(outcome)
+        links = jobs.service.settings.resource_links
+        if isinstance(outcome, CompareOutcome):
+            return render_compare(outcome, links)
+        return render_edit(outcome, links)
     if job.state == "failed":
         raise ToolError(job.record.info.error or "the job failed")
     if job.state == "cancelled":
@@ -157,41 +162,32 @@ async def _job_result(jobs: JobManager, job: Job) -> CallToolResult:
 
 
 async def edit_image(arguments: dict[str, Any], ctx: Context) -> Annotated[CallToolResult, EditOutput]:
-    """Apply FLUX.2 [klein] 9B Base (with edit LoRAs) to 1-4 input images.
+    """Edit 1-4 images with FLUX.2 [klein] 9B Base and edit LoRAs.
 
-    Results are saved to the output folder before the call returns; each comes back as a small
-    preview, a flux://images/<id> resource link and structured data (id, path, seed). Pass a
-    flux://images/<id> in image_urls to keep editing a result. A call that takes longer than the
-    server's time budget returns a job id instead; collect the result with get_result.
+    Results are saved before the call returns: previews, ids, paths and seeds. Chain edits with
+    flux://images/<id> in image_urls. A long call returns a job id: collect it with get_result.
     """
     return await _call_as_job(ctx, "edit_image", arguments)
 
 
 async def compare_seeds(arguments: dict[str, Any], ctx: Context) -> Annotated[CallToolResult, CompareOutput]:
-    """Run the same edit with 2-8 seeds, or on a grid of 1-2 varied arguments at a fixed seed (vary),
-    and return one labelled contact sheet.
+    """Run one edit with 2-8 seeds, or on a grid of varied arguments (vary): one labelled contact sheet.
 
-    Give `seeds` (explicit) or `count` (random seeds, reported). Every image is saved with its own id;
-    re-run edit_image with the seed (and, for a grid, the cell's values: grid.cells) you like, or use its
-    flux://images/<id> as the next input. Long runs return a job id; collect the result with get_result.
+    Arguments as in edit_image (see its descriptions), minus seed and num_images, plus seeds or count.
+    Every image is saved with its own id. Long runs return a job id: collect it with get_result.
     """
     return await _call_as_job(ctx, "compare_seeds", arguments)
 
 
 async def get_result(
-    job_id: Annotated[
-        str, Field(description="The job id from a 'still running' edit_image/compare_seeds result.")
-    ],
+    job_id: Annotated[str, Field(description="From a still-running edit_image/compare_seeds result.")],
     ctx: Context,
     wait_s: Annotated[
         float,
-        Field(
-            ge=0, le=3600, description="Wait up to this many seconds for the job (capped at the call budget)."
-        ),
+        Field(ge=0, le=3600, description="Seconds to wait for it (capped at the call budget)."),
     ] = 0,
 ) -> CallToolResult:
-    """Collect a job: exactly what the original edit_image/compare_seeds call would have returned once it is
-    done, or its progress while it still runs. Works after a server restart too."""
+    """Collect a job: what its edit_image/compare_seeds call returns once done, else its progress."""
     state = _state(ctx)
     try:
         job = await state.jobs.get(job_id)
@@ -204,8 +200,8 @@ async def get_result(
 async def cancel_job(
     job_id: Annotated[str, Field(description="The job id to stop.")], ctx: Context
 ) -> CallToolResult:
-    """Stop a running job (a hosted job is cancelled on fal as well). A local job answers 'cancelling' at
-    once and stops at its next denoising step; nothing is saved for it. Finished jobs are left as they are."""
+    """Stop a running job (on fal too); a local one answers 'cancelling' and stops at its next step.
+    Finished jobs are left as they are."""
     state = _state(ctx)
     try:
         job = await state.jobs.get(job_id)
@@ -213,34 +209,38 @@ async def cancel_job(
     except FluxMCPError as exc:
         raise ToolError(str(exc)) from exc
     info = job.record.info
+    step = cancel_step(info)
     return CallToolResult(
-        content=[TextContent(type="text", text=f"Job {job.id} is {info.state}.")],
-        structured_content={"job": info.model_dump(mode="json")},
+        content=[TextContent(type="text", text=f"Job {job.id} is {info.state}. {step}")],
+        structured_content={"job": info.model_dump(mode="json"), "next_step": step},
     )
 
 
 def render_pending(job: Job, pending: BaseModel) -> CallToolResult:
     return CallToolResult(
-        content=[TextContent(type="text", text=pending_summary(job.record.info))],
+        content=[
+            TextContent(type="text", text=pending_summary(job.record.info, getattr(pending, "notes", [])))
+        ],
         structured_content=pending.model_dump(mode="json"),
     )
 
 
 async def list_presets(ctx: Context) -> Annotated[CallToolResult, PresetsOutput]:
-    """List presets (built-in and the user's), image-size presets, the LoRA library with trigger words,
-    and the active backend with what it supports."""
+    """Presets, image sizes, the LoRA library (trigger words), CNS settings explained, the backend."""
     return render_presets(await anyio.to_thread.run_sync(_service(ctx).presets))
 
 
-def render_edit(outcome: EditOutcome) -> CallToolResult:
+def render_edit(outcome: EditOutcome, links: bool = False) -> CallToolResult:
+    """Text, previews and (with ``links``, FLUX_MCP_RESOURCE_LINKS) one resource link per image."""
     out = outcome.output
     content: list[ContentBlock] = [TextContent(type="text", text=edit_summary(out))]
     content += [_image_block(p) for p in outcome.previews]
-    content += [_link(img.uri, img.id, img.content_type, img.width, img.height) for img in out.images]
+    if links:
+        content += [_link(img.uri, img.id, img.content_type, img.width, img.height) for img in out.images]
     return CallToolResult(content=content, structured_content=out.model_dump(mode="json"))
 
 
-def render_compare(outcome: CompareOutcome) -> CallToolResult:
+def render_compare(outcome: CompareOutcome, links: bool = False) -> CallToolResult:
     out = outcome.output
     content: list[ContentBlock] = [
         TextContent(type="text", text=compare_summary(out)),
@@ -249,7 +249,7 @@ def render_compare(outcome: CompareOutcome) -> CallToolResult:
     content += [
         _link(r.image.uri, f"seed {r.seed}", r.image.content_type, r.image.width, r.image.height)
         for r in out.runs
-        if r.image is not None
+        if r.image is not None and links
     ]
     return CallToolResult(content=content, structured_content=out.model_dump(mode="json"))
 
@@ -335,7 +335,7 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
             resource_uri=viewer.VIEWER_URI,
             name=fn.__name__,
             title=title,
-            description=fn.__doc__ or "",
+            description=inspect.cleandoc(fn.__doc__ or ""),
             annotations=writes,
         )(fn)
     tools = [
@@ -343,14 +343,14 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
             list_presets,
             name="list_presets",
             title="List presets, LoRA library and backend",
-            description=list_presets.__doc__ or "",
+            description=inspect.cleandoc(list_presets.__doc__ or ""),
             annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
         ),
         Tool.from_function(
             get_result,
             name="get_result",
             title="Collect a long-running edit",
-            description=get_result.__doc__ or "",
+            description=inspect.cleandoc(get_result.__doc__ or ""),
             structured_output=False,
             annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True, open_world_hint=False),
         ),
@@ -358,11 +358,13 @@ def build_server(settings: Settings, service: FluxService | None = None) -> Flux
             cancel_job,
             name="cancel_job",
             title="Cancel a long-running edit",
-            description=cancel_job.__doc__ or "",
+            description=inspect.cleandoc(cancel_job.__doc__ or ""),
             structured_output=False,
             annotations=ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=True),
         ),
     ]
+    for tool in tools:
+        tool.parameters = host_schema(tool.parameters)
     server = FluxMCPServer(
         "flux-mcp",
         title="FLUX.2 klein edit LoRAs",

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import doctor, sheets
 from . import images as imaging
+from .arguments import describe_errors, normalize, preset_notes, trigger_notes
 from .backends import (
     Backend,
     BackendResult,
@@ -42,7 +43,7 @@ from .backends import (
 from .config import Settings
 from .errors import CostLimitExceeded, FluxMCPError, InvalidRequest
 from .grid import expand
-from .presets import LoraEntry, Preset, PresetLibrary, apply_preset, describe_validation_error
+from .presets import LoraEntry, Preset, PresetLibrary, apply_preset
 from .process import process_effects
 from .redact import public_url
 from .results import (
@@ -101,6 +102,8 @@ class CallSpec(BaseModel):
     library_loras: list[dict[str, Any]] = []
     cost: float = 0.0
     billed: bool = True
+    #: Warnings known before running (a preset overridden, a trigger word missing).
+    notes: list[str] = []
 
 
 @dataclass
@@ -118,6 +121,7 @@ class PreparedCall:
     cost: float
     billed: bool
     backend: Backend
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def spec(self) -> CallSpec:
         return CallSpec(
@@ -130,6 +134,7 @@ class PreparedCall:
             library_loras=self.library_loras,
             cost=self.cost,
             billed=self.billed,
+            notes=self.notes,
         )
 
     @classmethod
@@ -147,6 +152,7 @@ class PreparedCall:
             cost=spec.cost,
             billed=spec.billed,
             backend=backend,
+            notes=spec.notes,
         )
 
     @property
@@ -164,6 +170,7 @@ class PreparedCall:
             "preset": self.preset,
             "estimated_cost_usd": self.cost,
             "library_loras": [LoraUse(**lora) for lora in self.library_loras],
+            "notes": self.notes,
         }
         if self.kind == "edit":
             return EditOutput(seed=self.request.seed, **common)
@@ -238,7 +245,7 @@ class FluxService:
         kind = _KIND_OF_TOOL[tool]
         model = CompareSeedsArgs if kind == "compare" else EditImageArgs
         # Off the event loop: the presets file may be re-read, and the first local backend imports torch.
-        fields, preset, library_loras = await anyio.to_thread.run_sync(self._validated, args, model)
+        fields, preset, library_loras, notes = await anyio.to_thread.run_sync(self._validated, args, model)
         if kind == "edit":
             request = self._to_request(fields)
             runs, values, axes = [request], [{}], []
@@ -263,6 +270,7 @@ class FluxService:
             cost=estimate.usd,
             billed=estimate.billed,
             backend=backend,
+            notes=notes,
         )
 
     async def run(self, call: PreparedCall, ctx: RunContext, remote: dict[int, str] | None = None) -> Outcome:
@@ -363,17 +371,20 @@ class FluxService:
 
     def _validated(
         self, args: dict[str, Any], model: type[BaseModel]
-    ) -> tuple[dict[str, Any], Preset | None, list[dict[str, Any]]]:
-        """Apply the preset under the explicit arguments, then validate against the tool's model."""
+    ) -> tuple[dict[str, Any], Preset | None, list[dict[str, Any]], list[str]]:
+        """Apply the preset under the explicit arguments, then validate against the tool's model;
+        also the warnings to show before running."""
         if not isinstance(args, dict):
             raise InvalidRequest("arguments must be a JSON object.")
-        merged, preset, library_loras = apply_preset(_parse_json_strings(args, model), self.library)
+        raw = normalize(_parse_json_strings(args, model), model)
+        merged, preset, library_loras = apply_preset(raw, self.library)
         try:
             parsed = model.model_validate(merged)
         except ValidationError as exc:
-            raise InvalidRequest(_validation_message(exc, preset)) from None
+            raise InvalidRequest(_validation_message(exc, preset, model)) from None
         fields = parsed.model_dump(exclude={"preset"})
-        return fields, preset, library_loras
+        notes = preset_notes(raw, preset) + trigger_notes(fields.get("prompt"), library_loras)
+        return fields, preset, library_loras, notes
 
     def _to_request(self, fields: dict[str, Any]) -> EditRequest:
         try:
@@ -447,7 +458,7 @@ class FluxService:
 
     def _common(self, call: PreparedCall, result: BackendResult, started: float) -> dict[str, Any]:
         timings = {**result.timings, "call_s": round(time.perf_counter() - started, 3)}
-        notes = list(result.notes)
+        notes = [*call.notes, *result.notes]
         if not call.billed:
             notes.append(
                 f"estimated_cost_usd is what the hosted endpoint would charge; the {call.backend.name} run "
@@ -496,10 +507,22 @@ def _grid(axes: list[GridAxis], values: list[dict[str, Any]], runs: list[SeedRun
 def _sheet(output: CompareOutput, tiles: list[bytes | None]) -> bytes:
     """The labelled grid of a parameter comparison, or the contact sheet of a seed comparison."""
     if output.grid is not None:
-        shared = [] if any(a.field == "seed" for a in output.grid.axes) else output.seeds[:1]
-        return sheets.grid_sheet(output.grid.axes, tiles, caption=" ".join(f"seed {s}" for s in shared))
-    labels = [f"seed {r.seed}" if r.image else f"seed {r.seed} (failed)" for r in output.runs]
-    return sheets.contact_sheet(list(zip(tiles, labels, strict=True)))
+        axes = output.grid.axes
+        shared = [] if any(a.field == "seed" for a in axes) else output.seeds[:1]
+        caption = " ".join(f"seed {s}" for s in shared)
+        return sheets.within_budget(
+            lambda side: sheets.grid_sheet(axes, tiles, caption=caption, cell_side=side),
+            len(tiles),
+            PREVIEW_BUDGET_BYTES,
+        )
+    cells = list(zip(tiles, [_label(r) for r in output.runs], strict=True))
+    return sheets.within_budget(
+        lambda side: sheets.contact_sheet(cells, cell_side=side), len(tiles), PREVIEW_BUDGET_BYTES
+    )
+
+
+def _label(run: SeedRun) -> str:
+    return f"seed {run.seed}" if run.image else f"seed {run.seed} (failed)"
 
 
 def _random_seeds(count: int) -> list[int]:
@@ -529,11 +552,10 @@ def _parse_json_strings(args: dict[str, Any], model: type[BaseModel]) -> dict[st
     return fixed
 
 
-def _validation_message(exc: ValidationError, preset: Preset | None) -> str:
-    text = describe_validation_error(exc)
-    text = text.replace(
-        "Extra inputs are not permitted", "unknown argument; remove it (see the tool's schema)"
-    )
+def _validation_message(
+    exc: ValidationError, preset: Preset | None, model: type[BaseModel] = EditRequest
+) -> str:
+    text = describe_errors(exc, model)
     if preset is not None:
         text += f" (after applying preset {preset.name!r})"
     return text + "."

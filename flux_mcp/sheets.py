@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -21,7 +22,7 @@ from . import media
 from .results import GridAxis
 from .schema import MAX_OUTPUT_PIXELS
 
-__all__ = ["contact_sheet", "grid_sheet"]
+__all__ = ["contact_sheet", "grid_sheet", "within_budget"]
 
 _LABEL_H = 22
 _MARGIN_W = 150
@@ -102,6 +103,17 @@ def _tile(
         img.thumbnail((side, side), Image.Resampling.LANCZOS)
         tile = media.flatten(img)
     sheet.paste(tile, (x + (side - tile.width) // 2, y + (side - tile.height) // 2))
+
+
+def within_budget(draw: Callable[[int], bytes], cells: int, budget: int) -> bytes:
+    """The sheet ``draw(cell_side)`` makes, at the largest cell side that keeps it within ``budget``
+    bytes: 512 px for up to 4 cells, 384 up to 8, else 256, shrunk by a quarter until it fits."""
+    side = 512 if cells <= 4 else 384 if cells <= 8 else 256
+    while True:
+        sheet = draw(side)
+        if len(sheet) <= budget or side <= 128:
+            return sheet
+        side = max(128, math.floor(side * 0.75))
 
 
 def _pair(field: str, value: Any) -> str:

@@ -31,6 +31,8 @@ from mcp.client.stdio import stdio_client as stdio_client_transport
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
+#: tests/hosts runs in its own venv (.venv-hosts), started by tests/test_hosts.py.
+collect_ignore = ["hosts"]
 
 
 @pytest.fixture

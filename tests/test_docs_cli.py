@@ -71,3 +71,20 @@ def test_edit_through_the_cli_against_the_emulator(tmp_path: Path, emulator, inp
     compare = run_cli("compare", str(input_png), "-p", "p", "--seeds", "1,2", "--json", "--quiet", env=env)
     assert compare.returncode == 0, compare.stderr
     assert [r["seed"] for r in json.loads(compare.stdout)["runs"]] == [1, 2]
+
+
+def test_cli_help_shows_defaults_ranges_and_its_own_commands_for_every_option() -> None:
+    import argparse
+
+    from flux_mcp.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            assert action.help, f"flux-mcp {name} {'/'.join(action.option_strings) or action.dest}: no help"
+    edit = run_cli("edit", "--help")
+    text = " ".join(edit.stdout.split())
+    assert "(default 5.0; 0–20)" in text  # guidance_scale, from the request model
+    assert "(default 28; 4–50)" in text and "(default 1; 1–4)" in text
+    assert "`flux-mcp presets`" in text and "list_presets" not in text

@@ -125,7 +125,7 @@ async def test_a_two_axis_grid_stores_every_cell_and_marks_a_failed_one(
     assert text_of(result).count("FAILED") == 3
     [sheet_block] = [b for b in result.content if b.type == "image"]
     sheet = Image.open(io.BytesIO(base64.b64decode(sheet_block.data)))
-    cell, label_w, label_h = 256, 150, 22  # the sheet's layout: labels along the left and top edges
+    cell, label_w, label_h = 384, 150, 22  # 6 cells: 384 px each; labels along the left and top edges
     assert sheet.size == (label_w + 2 * cell, label_h + 3 * cell), "3 rows (guidance) x 2 columns (seeds)"
     rgb = sheet.convert("RGB")
     for row in range(3):

@@ -52,7 +52,7 @@ async def test_tools_list_advertises_every_endpoint_field_and_output_schemas(
     props = edit.input_schema["properties"]
     assert props["guidance_scale"]["maximum"] == 20 and props["guidance_scale"]["default"] == 5
     assert props["loras"]["maxItems"] == 3 and props["image_urls"]["maxItems"] == 4
-    assert len([p for p in props if p.startswith("cns_")]) == 11
+    assert len(props["cns"]["properties"]) == 11  # the endpoint's cns_* knobs, grouped
     assert edit.output_schema is not None and "images" in edit.output_schema["properties"]
     assert tools["list_presets"].annotations.read_only_hint is True
     assert "seeds" in tools["compare_seeds"].input_schema["properties"]
@@ -110,7 +110,7 @@ async def test_edit_with_file_url_data_uri_and_chained_result(
     assert base64.b64decode(resource.contents[0].blob) == saved.read_bytes()
     assert resource.contents[0].mime_type == "image/png"
     kinds = [b.type for b in first.content]
-    assert kinds == ["text", "image", "resource_link"]
+    assert kinds == ["text", "image"]  # no resource_link by default (FLUX_MCP_RESOURCE_LINKS)
     assert _decode(first.content[1]).format == "JPEG"
     assert image["uri"] in text_of(first) and str(saved) in text_of(first)
     assert re.search(r"[A-Za-z0-9+/=]{200,}", json.dumps(out)) is None, "no base64 in structured content"

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.anyio
 EDIT = {"prompt": "make it night", "seed": 5, "num_inference_steps": 8}
 
 
-def _env(tmp_path: Path, emulator: Any, budget: str = "1") -> dict[str, str]:
+def _env(tmp_path: Path, emulator: Any, budget: str = "1", **extra: str) -> dict[str, str]:
     (tmp_path / "inputs").mkdir(exist_ok=True)
-    return server_env(tmp_path, **emulator.env(), FLUX_MCP_CALL_BUDGET_S=budget)
+    return server_env(tmp_path, **emulator.env(), FLUX_MCP_CALL_BUDGET_S=budget, **extra)
 
 
 async def _collect(client: Any, job_id: str, progress: Any = None, limit_s: float = 60) -> Any:
@@ -78,7 +78,8 @@ async def test_a_call_past_its_budget_becomes_a_job_that_get_result_collects(
     async def on_progress(value: float, total: float | None, message: str | None) -> None:
         progress.append(message or "")
 
-    async with stdio_client(_env(tmp_path, emulator)) as client:
+    # With FLUX_MCP_RESOURCE_LINKS, results carry resource links too (off by default).
+    async with stdio_client(_env(tmp_path, emulator, FLUX_MCP_RESOURCE_LINKS="true")) as client:
         job_id = await _start(
             client, "edit_image", {**EDIT, "image_urls": [str(input_png)]}, progress=on_progress
         )

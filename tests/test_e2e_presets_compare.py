@@ -34,21 +34,46 @@ def _write(path: Path, text: str) -> None:
     os.utime(path, (stamp, stamp))
 
 
-async def test_explicit_arguments_win_over_the_preset_even_at_default_values(
+def _strict(tool_args: dict[str, Any]) -> dict[str, Any]:
+    """What a strict function-calling host sends: every field, at its default unless the model chose."""
+    from flux_mcp.schema import EditImageArgs, tool_input_schema
+
+    props = tool_input_schema(EditImageArgs)["properties"]
+    every = {name: prop.get("default") for name, prop in props.items()}
+    every["cns"] = {k: v["default"] for k, v in props["cns"]["properties"].items()}
+    return {**every, **tool_args}
+
+
+async def test_a_strict_caller_sending_every_default_still_gets_the_preset(
     tmp_path: Path, emulator: Any, input_png: Path
 ) -> None:
     async with stdio_client(_env(tmp_path, emulator)) as client:
         result = await client.call_tool(
             "edit_image",
-            {**BASE, "image_urls": [str(input_png)], "preset": "quality", "num_inference_steps": 28},
+            _strict({"prompt": BASE["prompt"], "image_urls": [str(input_png)], "preset": "quality"}),
+        )
+        overridden = await client.call_tool(
+            "edit_image",
+            {**BASE, "image_urls": [str(input_png)], "preset": "quality", "acceleration": "high"},
+        )
+        nothing_left = await client.call_tool(
+            "edit_image",
+            {**BASE, "image_urls": [str(input_png)], "preset": "quality", "acceleration": "high"}
+            | {"num_inference_steps": 40},
         )
     assert not result.is_error, text_of(result)
     sent = emulator.submissions[0].payload
-    assert sent["num_inference_steps"] == 28  # explicit, equal to the endpoint default, still wins
-    assert sent["acceleration"] == "none"  # filled from the preset
-    params = result.structured_content["params"]
-    assert params["num_inference_steps"] == 28 and params["acceleration"] == "none"
-    assert result.structured_content["preset"] == "quality"
+    assert sent["num_inference_steps"] == 50 and sent["acceleration"] == "none"
+    assert "50 steps, preset quality" in text_of(result)
+    assert result.structured_content["notes"] == []
+    # A value other than the default wins, and the result says which of the preset's it replaced.
+    assert emulator.submissions[1].payload["acceleration"] == "high"
+    assert emulator.submissions[1].payload["num_inference_steps"] == 8
+    (note,) = overridden.structured_content["notes"][:1]
+    assert "preset 'quality'" in note and "acceleration='high'" in note
+    # Overriding every field it sets: the preset did nothing, and the result says so.
+    assert any("had no effect" in n for n in nothing_left.structured_content["notes"])
+    assert "had no effect" in text_of(nothing_left)
 
 
 async def test_user_file_reload_broken_file_and_library_lora(
@@ -90,8 +115,15 @@ loras = [{ path = "paint" }]
         sent = emulator.submissions[-1].payload
         assert sent["loras"] == [{"path": "https://cdn.example/paint.safetensors", "scale": 0.7}]
         assert sent["guidance_scale"] == 3.5 and sent["prompt"] == BASE["prompt"]  # prompt not rewritten
-        assert "trigger word 'S2P'" in text_of(used)
+        assert "trigger word" not in text_of(used)  # the prompt has it: nothing to warn about
         assert used.structured_content["library_loras"][0]["name"] == "paint"
+
+        missing = await client.call_tool(
+            "edit_image", {**BASE, "prompt": "a painting", "image_urls": [str(input_png)], "preset": "mine"}
+        )
+        (warning,) = missing.structured_content["notes"]
+        assert "trigger word 'S2P'" in warning and "does not contain" in warning
+        assert "trigger word 'S2P'" in text_of(missing)
 
         by_name = await client.call_tool(
             "edit_image", {**BASE, "image_urls": [str(input_png)], "loras": [{"path": "paint", "scale": 1.5}]}

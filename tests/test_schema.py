@@ -94,8 +94,23 @@ def _compare(ours: dict[str, Any], theirs: dict[str, Any], where: str) -> list[s
     return problems
 
 
+def _endpoint_names(schema: dict[str, Any]) -> dict[str, Any]:
+    """The tool schema with its ``cns`` object spread back into the endpoint's ``cns_<name>`` fields."""
+    props: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        if name == "cns":
+            props.update({f"cns_{k}": v for k, v in prop["properties"].items()})
+        else:
+            props[name] = prop
+    return {**schema, "properties": props}
+
+
 def test_edit_image_schema_matches_the_endpoint_field_by_field() -> None:
     ours = _cli_schema("edit_image")
+    cns = ours["properties"]["cns"]
+    assert cns["type"] == "object" and cns["additionalProperties"] is False
+    assert "enable_cns is true" in cns["description"]
+    ours = _endpoint_names(ours)
     assert _compare(ours, ENDPOINT, "") == []
     assert "$defs" not in json.dumps(ours) and "$ref" not in json.dumps(ours), (
         "refs must be inlined for hosts"
@@ -113,8 +128,10 @@ def test_compare_seeds_schema_is_edit_image_minus_seed_and_num_images() -> None:
     edit = _cli_schema("edit_image")
     added = {"seeds", "count", "vary"}
     assert set(ours["properties"]) == set(edit["properties"]) - {"seed", "num_images"} | added
+    # Shared arguments are described once, in edit_image (hosts send both every turn); else identical.
     for name in set(ours["properties"]) & set(edit["properties"]):
-        assert ours["properties"][name] == edit["properties"][name], name
+        assert "description" not in json.dumps(ours["properties"][name]), name
+        assert ours["properties"][name] == _without_descriptions(edit["properties"][name]), name
     # One seed (or count 1) is allowed for a grid; without vary the model asks for at least two.
     assert ours["properties"]["count"]["anyOf"][0]["minimum"] == 1
     assert ours["properties"]["count"]["anyOf"][0]["maximum"] == 8
@@ -122,8 +139,50 @@ def test_compare_seeds_schema_is_edit_image_minus_seed_and_num_images() -> None:
     assert vary["maxItems"] == 2 and vary["items"]["properties"]["values"]["maxItems"] == 8
 
 
+def _without_descriptions(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: (
+                {n: _without_descriptions(p) for n, p in v.items()}
+                if k == "properties"
+                else _without_descriptions(v)
+            )
+            for k, v in node.items()
+            if k != "description"
+        }
+    return [_without_descriptions(v) for v in node] if isinstance(node, list) else node
+
+
+def test_seeds_item_bounds_sit_inside_the_array_branch() -> None:
+    seeds = _cli_schema("compare_seeds")["properties"]["seeds"]
+    array = next(branch for branch in seeds["anyOf"] if branch.get("type") == "array")
+    assert array["items"] == {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}
+    assert set(seeds) == {"anyOf", "default", "description"}
+
+
+def test_no_pydantic_titles_and_every_object_is_closed() -> None:
+    for tool in ("edit_image", "compare_seeds"):
+        text = json.dumps(_cli_schema(tool))
+        assert '"title"' not in text, tool
+
+    def objects(node: Any) -> list[dict[str, Any]]:
+        found = []
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                found.append(node)
+            for key, value in node.items():
+                found += objects(list(value.values()) if key == "properties" else value)
+        elif isinstance(node, list):
+            for value in node:
+                found += objects(value)
+        return found
+
+    for tool in ("edit_image", "compare_seeds"):
+        assert all(obj.get("additionalProperties") is False for obj in objects(_cli_schema(tool))), tool
+
+
 def test_the_drift_check_itself_catches_a_changed_range() -> None:
-    ours = _cli_schema("edit_image")
+    ours = _endpoint_names(_cli_schema("edit_image"))
     ours["properties"]["guidance_scale"]["maximum"] = 25
     del ours["properties"]["cns_energy_scale"]
     problems = _compare(ours, ENDPOINT, "")

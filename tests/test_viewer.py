@@ -100,11 +100,7 @@ async def test_results_are_unchanged_for_clients_without_apps(
         return text
 
     assert without_ids(plain) == without_ids(apps)
-    assert (
-        [b.type for b in plain.content]
-        == [b.type for b in apps.content]
-        == ["text", "image", "resource_link"]
-    )
+    assert [b.type for b in plain.content] == [b.type for b in apps.content] == ["text", "image"]
     plain_id, apps_id = (
         plain.structured_content["images"][0]["id"],
         apps.structured_content["images"][0]["id"],
