@@ -388,6 +388,20 @@ async def test_an_input_is_uploaded_once_per_content(
     assert len(urls) == 1 and urls != {emu.submissions[3].payload["image_urls"][0]}
 
 
+@pytest.mark.anyio
+async def test_a_slot_is_free_once_fal_says_completed_not_after_the_result_and_downloads(
+    emu: FalEmulator, make_backend: Callable[..., FalBackend]
+) -> None:
+    emu.add_fault("result", "stall", times=1, seconds=2.0)  # the first result is slow to come
+    backend = make_backend(fal_concurrency=1)
+    outcomes = await backend.run([request(seed=1), request(seed=2)], [local_input()], RunContext(Recorder()))
+    assert all(isinstance(o, BackendResult) for o in outcomes)
+    first_result = emu.route_events("result")[0]
+    second_submit = emu.route_events("submit")[1]
+    assert second_submit.at < first_result.at, "the second job went to fal while the first result was fetched"
+    assert emu.completed_told[0] == emu.submissions[0].request_id
+
+
 def _status_requests(emu: FalEmulator) -> tuple[list[int], list[int]]:
     """The answers to status-stream requests and to status polls, in order."""
     streams = [status for _, path, status in emu.log if "/status/stream" in path]

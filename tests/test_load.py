@@ -6,9 +6,10 @@ every image must land on disk with its sidecar, no more than 4 fal jobs may ever
 the server's resident memory must stay bounded.
 
 In-flight jobs are measured from what the emulator records, sampled from a thread: a job is in
-flight from its submit until its result was fetched (the backend holds its slot for longer, from
-before the submit until the download, so this never over-counts). Submissions are read before the
-request log, so a job counted as unfinished was still unfinished when the submissions were read.
+flight at fal from its submit until fal has told the client it completed (the emulator records that
+before sending it; the backend holds its slot from before the submit until it has heard it, so this
+never over-counts). Submissions are read before the completions, so a job counted as unfinished was
+still unfinished when the submissions were read.
 
 ``run_load`` is also what ``benchmarks/bench_load.py`` runs. This module knows the product only
 through its CLI, its MCP tools and its output folder.
@@ -17,7 +18,6 @@ through its CLI, its MCP tools and its output folder.
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,7 +41,6 @@ LATENCY_S = 0.2
 MAX_RSS_MB = 400
 #: Everything (start, 32 calls, shutdown) must be over by then: a hang fails instead of blocking.
 RUN_LIMIT_S = 90
-_RESULT_PATH = re.compile(r"/requests/(?P<id>[^/?]+)$")
 
 
 @dataclass
@@ -107,12 +106,8 @@ class _Sampler:
 
     def _sample(self) -> None:
         submitted = [s.request_id for s in list(self.emu.submissions)]  # first: see the docstring
-        fetched = {
-            m["id"]
-            for method, path, status in list(self.emu.log)
-            if method == "GET" and status == 200 and (m := _RESULT_PATH.search(path))
-        }
-        self.peak_in_flight = max(self.peak_in_flight, sum(1 for rid in submitted if rid not in fetched))
+        told = set(self.emu.completed_told)
+        self.peak_in_flight = max(self.peak_in_flight, sum(1 for rid in submitted if rid not in told))
         with contextlib.suppress(psutil.NoSuchProcess):  # it may exit between two samples
             self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
 

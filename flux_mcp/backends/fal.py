@@ -217,41 +217,45 @@ class FalBackend:
         Unless it finished, the job is cancelled on fal when this fails, times out or is cancelled,
         except while the caller is detaching (server shutdown): then it is left to be collected.
         """
-        async with self._slots:
-            started = time.monotonic()
-            handle: fal_client.AsyncRequestHandle | None = None
-            finished = False
-            try:
-                with anyio.fail_after(self._settings.job_timeout_s):
-                    if request_id:
-                        handle = await self._fal.get_handle(ENDPOINT_ID, request_id)
-                    else:
-                        arguments = {**request.payload(), "image_urls": image_urls}
-                        handle = await self._retrying(
-                            "submit", lambda: self._fal.submit(ENDPOINT_ID, arguments)
-                        )
-                        with anyio.CancelScope(shield=True):  # a job fal accepted is always recorded
-                            await ctx.submitted(index, handle.request_id)
-                    completed, queue_s = await self._wait(handle, report)
-                    finished = True  # fal holds nothing more for us: no cancel from here on
-                    if completed.error:
-                        raise JobFailed(
-                            f"fal ran the job and it failed ({completed.error_type or 'error'}): "
-                            f"{self._scrub(completed.error)}. Try again; if it keeps failing, change the "
-                            "inputs or parameters."
-                        )
-                    output = await self._retrying("result", lambda: self._fetch_result(handle), own=True)
-                    if not output.images:
-                        raise JobFailed("fal finished the job but returned no images. Try again.")
-            except TimeoutError:
-                raise BackendTimeout(
-                    f"The fal job did not finish within {self._settings.job_timeout_s:g} s and was cancelled. "
-                    "Try again later, or raise FLUX_MCP_JOB_TIMEOUT_S."
-                ) from None
-            finally:
-                if handle is not None and not finished and not ctx.detached():
-                    await self._cancel_remote(handle)
-        # The slot is fal's: downloading from its CDN does not hold it.
+        started = time.monotonic()
+        handle: fal_client.AsyncRequestHandle | None = None
+        finished = False
+        # One of fal's slots, from before the submit until fal says the job completed: a completed job
+        # no longer runs at fal, so fetching its result and downloading its images do not hold a slot.
+        await self._slots.acquire()
+        held = True
+        try:
+            with anyio.fail_after(self._settings.job_timeout_s):
+                if request_id:
+                    handle = await self._fal.get_handle(ENDPOINT_ID, request_id)
+                else:
+                    arguments = {**request.payload(), "image_urls": image_urls}
+                    handle = await self._retrying("submit", lambda: self._fal.submit(ENDPOINT_ID, arguments))
+                    with anyio.CancelScope(shield=True):  # a job fal accepted is always recorded
+                        await ctx.submitted(index, handle.request_id)
+                completed, queue_s = await self._wait(handle, report)
+                finished = True  # fal holds nothing more for us: no cancel from here on
+                self._slots.release()
+                held = False
+                if completed.error:
+                    raise JobFailed(
+                        f"fal ran the job and it failed ({completed.error_type or 'error'}): "
+                        f"{self._scrub(completed.error)}. Try again; if it keeps failing, change the "
+                        "inputs or parameters."
+                    )
+                output = await self._retrying("result", lambda: self._fetch_result(handle), own=True)
+                if not output.images:
+                    raise JobFailed("fal finished the job but returned no images. Try again.")
+        except TimeoutError:
+            raise BackendTimeout(
+                f"The fal job did not finish within {self._settings.job_timeout_s:g} s and was cancelled. "
+                "Try again later, or raise FLUX_MCP_JOB_TIMEOUT_S."
+            ) from None
+        finally:
+            if handle is not None and not finished and not ctx.detached():
+                await self._cancel_remote(handle)
+            if held:
+                self._slots.release()
         fetched = time.monotonic()
         await report(1.0, f"finished; downloading {len(output.images)} image(s)")
         images = await self._download_all(output)

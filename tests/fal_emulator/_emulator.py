@@ -65,6 +65,9 @@ class FalEmulator:
         # Recordings, appended under the lock by the serving threads; tests read them directly.
         self.submissions: list[Submission] = []
         self.cancellations: list[str] = []
+        #: Request ids whose COMPLETED status was handed out (on a poll or the stream), in order; recorded
+        #: before it is sent, so before the client can react to it.
+        self.completed_told: list[str] = []
         self.uploads: list[tuple[str, bytes]] = []
         self.log: list[tuple[str, str, int]] = []  # (method, path with query, status; 0 = reset)
         #: The same answers with their route and when they were sent (time.monotonic(), which every
@@ -128,7 +131,14 @@ class FalEmulator:
     def reset(self) -> None:
         """Forget recordings, faults and failing seeds (jobs and files stay reachable)."""
         with self._lock:
-            for recorded in (self.submissions, self.cancellations, self.uploads, self.log, self.events):
+            for recorded in (
+                self.submissions,
+                self.cancellations,
+                self.completed_told,
+                self.uploads,
+                self.log,
+                self.events,
+            ):
                 recorded.clear()
             self._faults.clear()
             self._fail_seeds.clear()
@@ -253,6 +263,8 @@ class FalEmulator:
         if phase == "progress":
             return {**answer, "status": "IN_PROGRESS", "logs": logs}
         answer.update(status="COMPLETED", logs=logs, metrics={"inference_time": job.latency_s})
+        with self._lock:
+            self.completed_told.append(job.id)
         if job.cancelled:
             answer.update(error="Request was cancelled", error_type="request_cancelled")
         elif job.failure is not None:
