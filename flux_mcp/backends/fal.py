@@ -49,7 +49,7 @@ from ..errors import (
     JobFailed,
 )
 from ..redact import Redactor, public_url
-from ..schema import ENDPOINT_ID, MAX_OUTPUT_PIXELS, EditRequest, EditResult, ImageFile
+from ..schema import ENDPOINT_ID, MAX_OUTPUT_PIXELS, EditRequest, EditResult, ImageFile, wrap_seed
 from .protocol import (
     BackendResult,
     CostEstimate,
@@ -386,7 +386,7 @@ class FalBackend:
                 content_type=content_type,
                 width=width,
                 height=height,
-                seed=output.seed + index,
+                seed=wrap_seed(output.seed + index),
                 nsfw=nsfw,
                 source_url=None if image.url.startswith("data:") else public_url(image.url),
             )
