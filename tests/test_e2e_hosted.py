@@ -144,7 +144,7 @@ async def test_previews_stay_small_whatever_the_size_of_the_stored_images(
 ) -> None:
     """Previews are for the chat, not the full images: one image's preview is at most 512 px on its long
     side, several are at most 384 px each, all of one call together under the ~450 KB budget, and the
-    compare_seeds sheet is 256 px per seed, however big the outputs are."""
+    compare_seeds sheet is 512 px per seed for up to 4 seeds (smaller when more), however big the outputs are."""
     async with stdio_client(_env(tmp_path, emulator)) as client:
         one = await client.call_tool(
             "edit_image",
@@ -174,7 +174,7 @@ async def test_previews_stay_small_whatever_the_size_of_the_stored_images(
     assert [(size, fmt) for size, _, fmt in previews(one)] == [((512, 384), "JPEG")]
     assert [size for size, _, _ in previews(four)] == [(384, 384)] * 4
     assert sum(n for _, n, _ in previews(four)) <= 450_000
-    assert [size for size, _, _ in previews(sheet)] == [(3 * 256, 256 + 22)]
+    assert [size for size, _, _ in previews(sheet)] == [(3 * 512, 512 + 22)]
 
 
 @pytest.mark.parametrize(
