@@ -140,21 +140,31 @@ async def run_load(
         )
         latencies.append(time.monotonic() - started)
 
+    # The clock starts once every client has its MCP session: the run measures calls, not handshakes.
+    connected, all_connected, go = [0], anyio.Event(), anyio.Event()
+
     async def client_share(share: list[int]) -> None:
-        async with Client(server.url) as client, anyio.create_task_group() as group:
-            for index in share:
-                group.start_soon(one, client, index)
+        async with Client(server.url) as client:
+            connected[0] += 1
+            if connected[0] == clients:
+                all_connected.set()
+            await go.wait()
+            async with anyio.create_task_group() as group:
+                for index in share:
+                    group.start_soon(one, client, index)
 
     environment = server_environment(emu, work, concurrency)
     with (
         http_server(environment, log=work / "server.log") as server,
         _Sampler(emu, psutil.Process(server.proc.pid)) as sampler,
     ):
-        started = time.monotonic()
         with anyio.fail_after(RUN_LIMIT_S):
             async with anyio.create_task_group() as group:
                 for c in range(clients):
                     group.start_soon(client_share, list(range(c, calls, clients)))
+                await all_connected.wait()
+                started = time.monotonic()
+                go.set()
         wall = time.monotonic() - started
     return LoadReport(
         latencies, wall, sampler.peak_rss / 2**20, sampler.peak_in_flight, results, work / "out"
