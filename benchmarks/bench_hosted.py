@@ -159,10 +159,13 @@ async def bench_rss(emu: FalEmulator, work: Path) -> tuple[float, float, float]:
     return idle, after20, after40
 
 
-async def bench_compare(emu: FalEmulator, work: Path) -> tuple[float, float]:
-    env = _server_env(emu, work)
-    (work / "in2.png").write_bytes(_png(512, 512))
-    base = {"prompt": "cmp", "image_urls": [str(work / "in2.png")], "num_inference_steps": 4}
+async def _compare_vs_single(emu: FalEmulator, work: Path, extra: dict[str, Any]) -> tuple[float, float]:
+    """Seconds of one compare_seeds call (``extra`` arguments) and of one edit_image of the same image,
+    at 1.0 s model latency and 4 fal slots, over stdio."""
+    env = {**_server_env(emu, work), "FLUX_MCP_FAL_CONCURRENCY": "4"}
+    image = work / f"in-{len(extra)}.png"
+    image.write_bytes(_png(512, 512))
+    base = {"prompt": "cmp", "image_urls": [str(image)], "num_inference_steps": 4}
     emu.latency_s = 1.0
     try:
         async with Client(stdio_client(_params(env), errlog=open(os.devnull, "w"))) as client:
@@ -170,36 +173,26 @@ async def bench_compare(emu: FalEmulator, work: Path) -> tuple[float, float]:
             await client.call_tool("edit_image", {**base, "seed": 1})
             single = time.perf_counter() - t0
             t0 = time.perf_counter()
-            result = await client.call_tool("compare_seeds", {**base, "seeds": [1, 2, 3, 4]})
-            four = time.perf_counter() - t0
+            result = await client.call_tool("compare_seeds", {**base, **extra})
+            compared = time.perf_counter() - t0
             assert not result.is_error
     finally:
         emu.latency_s = 0.0
-    return four, single
+    return compared, single
+
+
+async def bench_compare(emu: FalEmulator, work: Path) -> tuple[float, float]:
+    """compare_seeds with 4 seeds vs one edit: all four run at once."""
+    return await _compare_vs_single(emu, work, {"seeds": [1, 2, 3, 4]})
 
 
 async def bench_grid(emu: FalEmulator, work: Path) -> tuple[float, float]:
     """A 16-cell grid (guidance x steps, one seed) vs one edit at 1.0 s latency, 4 fal slots: ideal 4x."""
-    env = {**_server_env(emu, work), "FLUX_MCP_FAL_CONCURRENCY": "4"}
-    (work / "in3.png").write_bytes(_png(512, 512))
-    base = {"prompt": "grid", "image_urls": [str(work / "in3.png")], "num_inference_steps": 4}
     vary = [
         {"field": "guidance_scale", "values": [2.0, 3.5, 5.0, 6.5]},
         {"field": "num_inference_steps", "values": [4, 8, 12, 16]},
     ]
-    emu.latency_s = 1.0
-    try:
-        async with Client(stdio_client(_params(env), errlog=open(os.devnull, "w"))) as client:
-            t0 = time.perf_counter()
-            await client.call_tool("edit_image", {**base, "seed": 1})
-            single = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            result = await client.call_tool("compare_seeds", {**base, "seeds": [7], "vary": vary})
-            grid = time.perf_counter() - t0
-            assert not result.is_error and len(result.structured_content["grid"]["cells"]) == 16
-    finally:
-        emu.latency_s = 0.0
-    return grid, single
+    return await _compare_vs_single(emu, work, {"seeds": [7], "vary": vary})
 
 
 async def main() -> int:
