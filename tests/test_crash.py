@@ -211,6 +211,8 @@ import os, signal, sys
 def _stop_before_the_first_image_commit(event, args):
     if event == "os.rename" and os.path.basename(str(args[0])).startswith(".tmp-"):
         if str(args[1]).endswith((".png", ".jpg", ".webp")):
+            with open(os.path.join(os.path.dirname(__file__), "stopped-at"), "w") as marker:
+                marker.write(str(args[1]))
             os.kill(os.getpid(), signal.SIGSTOP)
 
 sys.addaudithook(_stop_before_the_first_image_commit)
@@ -224,13 +226,19 @@ def _stopping_env(env: dict[str, str], folder: Path) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(folder)}
 
 
-async def _stopped(proc: psutil.Process) -> bool:
-    """Wait until ``proc`` has frozen itself (True) or has exited (False)."""
+async def _stopped(proc: psutil.Process, marker: Path) -> bool:
+    """Wait until ``proc`` has frozen itself at its first image commit (True) or has exited (False).
+
+    The hook leaves ``marker`` just before it stops the process. A stop without it is not ours (job
+    control, when the suite runs in a background job of a terminal): the process is continued.
+    """
     with anyio.fail_after(60):
         while True:
             try:
                 if proc.status() == psutil.STATUS_STOPPED:
-                    return True
+                    if marker.exists():
+                        return True
+                    proc.resume()
             except psutil.NoSuchProcess:
                 return False
             await anyio.sleep(0.01)
@@ -257,7 +265,10 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
 
         async with anyio.create_task_group() as group:
             group.start_soon(doomed_call)
-            assert await _stopped(proc), "the server exited instead of reaching its first commit"
+            stopper = tmp_path / "stopper"
+            assert await _stopped(proc, stopper / "stopped-at"), (
+                "the server exited instead of reaching its first commit"
+            )
             snapshot = sorted(p.name for p in out.iterdir())
             _kill(proc)
             with anyio.fail_after(30):  # the pending call must end, not hang
