@@ -2,7 +2,7 @@
 
 The structured models are what an MCP tool returns as structured content (with an output schema)
 and what ``flux-mcp edit/compare --json`` prints; the summaries are the text an agent or a person
-reads. The MCP server adds previews and resource links around them, the CLI prints them.
+reads. The MCP server adds previews (and, when asked, resource links) around them; the CLI prints them.
 
 This module knows nothing about MCP, the backends or the store's files.
 """

@@ -71,9 +71,10 @@ PROGRESS_NUDGE = 0.001
 INSTRUCTIONS = """\
 Edit images with FLUX.2 [klein] 9B Base and trained edit LoRAs.
 - edit_image: give a prompt (include a LoRA's trigger word) and 1-4 images (https URL, data URI, local
-  path, or flux://images/<id> of an earlier result). Results are saved to disk and returned as previews,
-  resource links and structured content with ids and paths.
-- compare_seeds: same arguments, run with several seeds at once; returns one labelled contact sheet.
+  path, or flux://images/<id> of an earlier result). Results are saved to disk and returned as previews
+  and structured content with ids, flux://images/<id> URIs and paths.
+- compare_seeds: same arguments, run with several seeds at once, or on a grid of varied arguments at one
+  seed (vary); returns one labelled contact sheet.
 - list_presets: presets, image sizes, the user's LoRA library (with trigger words) and the active backend.
 - Long calls return a job id instead of timing out: collect with get_result, stop with cancel_job.
 Chain edits by passing flux://images/<id> from one result into the next call's image_urls.
