@@ -206,14 +206,16 @@ def _polled(emulator: Any, count: int) -> bool:
 #: os.replace acts). Both temp files of that result are then whole on disk and neither is committed:
 #: the kill that follows lands mid-write by construction, whatever the machine's load.
 _STOP_BEFORE_COMMIT = """
-import os, signal, sys
+import os, signal, sys, threading
 
 def _stop_before_the_first_image_commit(event, args):
     if event == "os.rename" and os.path.basename(str(args[0])).startswith(".tmp-"):
         if str(args[1]).endswith((".png", ".jpg", ".webp")):
             with open(os.path.join(os.path.dirname(__file__), "stopped-at"), "w") as marker:
                 marker.write(str(args[1]))
-            os.kill(os.getpid(), signal.SIGSTOP)
+            # Directed at this thread: it stops on its way out of this call. os.kill would direct it at
+            # the process, and the kernel may let this thread run the rename before the stop lands.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 sys.addaudithook(_stop_before_the_first_image_commit)
 """
@@ -277,7 +279,8 @@ async def test_kill_while_the_store_is_writing_leaves_no_partial_result(
         dead = proc.pid
     # The server died mid-write: its temp files were on disk at the moment of the kill.
     assert not hasattr(ended[0], "is_error"), "the call cannot have succeeded: its server was killed"
-    assert any(n.startswith(f".tmp-{dead}-") for n in snapshot), snapshot
+    stopped_at = (tmp_path / "stopper" / "stopped-at").read_text()
+    assert any(n.startswith(f".tmp-{dead}-") for n in snapshot), (snapshot, stopped_at, ended)
     assert any(p.name.startswith(f".tmp-{dead}-") for p in _temp_files(out)), "the kill left no temp file"
 
     async with _server(env) as (client, _):
