@@ -239,7 +239,7 @@ class JobManager:
             # Written in the background: the backend calls this while it holds one of fal's slots.
             job.record.remote[index] = remote_id
             assert self._group is not None
-            self._group.start_soon(self._save, job)
+            self._group.start_soon(self._save_in_background, job)
 
         ctx = RunContext(progress, submitted, detached=lambda: self._shutting_down)
         try:
@@ -328,6 +328,14 @@ class JobManager:
     def _rebuild_call(self, record: JobRecord) -> PreparedCall:
         """Blocking (may create the backend): called from a worker thread."""
         return PreparedCall.from_spec(record.call, self.service.backend)
+
+    async def _save_in_background(self, job: Job) -> None:
+        """``_save`` from a task of the manager's group: a disk error is logged, never raised into the
+        group (which would stop every job); the job's final save still happens, and reports it."""
+        try:
+            await self._save(job)
+        except OSError as exc:
+            logger.warning("Could not record job %s's progress: %s", job.id, exc.strerror or exc)
 
     async def _save(self, job: Job) -> None:
         """Write the job's record; one write at a time per job, each of the state it has then, so the

@@ -15,7 +15,6 @@ This module knows nothing about backends or the store layout; it only sees prepa
 
 from __future__ import annotations
 
-import base64
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -26,6 +25,7 @@ from mcp.server.mcpserver import Context
 from mcp.types import CallToolResult
 
 from . import images as imaging
+from . import media
 from .backends import InputImage
 
 __all__ = [
@@ -79,7 +79,7 @@ def before_image(first: InputImage | None) -> dict[str, str]:
     if first.data is None:
         return {"unavailable": "The input is a URL the backend fetched itself; it is not shown here."}
     jpeg = imaging.preview(first.data, BEFORE_SIDE)
-    return {"data_uri": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()}
+    return {"data_uri": media.data_uri(jpeg, "image/jpeg")}
 
 
 async def for_client(ctx: Context, inputs: list[InputImage], result: CallToolResult) -> CallToolResult:

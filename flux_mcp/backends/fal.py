@@ -562,7 +562,8 @@ class _UploadCache:
         self._locks: dict[str, anyio.Lock] = {}
 
     async def url(self, data: bytes, content_type: str, upload: Callable[[], Awaitable[str]]) -> str:
-        key = f"{content_type}:{hashlib.sha256(data).hexdigest()}"
+        digest = await anyio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())  # MBs: off the loop
+        key = f"{content_type}:{digest}"
         lock = self._locks.setdefault(key, anyio.Lock())
         try:
             async with lock:
