@@ -178,6 +178,10 @@ class PreparedCall:
         return CompareOutput(seeds=sorted(set(self.seeds), key=self.seeds.index), grid=grid, **common)
 
 
+async def _no_progress(progress: float, total: float | None, message: str) -> None:
+    """Progress nobody listens to (the CLI with --quiet, library callers)."""
+
+
 class _Monotonic:
     """Forwards progress, never letting the number go backwards (hosts may reject that)."""
 
@@ -229,13 +233,15 @@ class FluxService:
 
     async def edit(self, args: dict[str, Any], progress: ProgressFn | None = None) -> EditOutcome:
         """edit_image in one go: prepare, run, store."""
-        outcome = await self.run(await self.prepare("edit_image", args), RunContext(_Monotonic(progress)))
+        outcome = await self.run(await self.prepare("edit_image", args), RunContext(progress or _no_progress))
         assert isinstance(outcome, EditOutcome)
         return outcome
 
     async def compare(self, args: dict[str, Any], progress: ProgressFn | None = None) -> CompareOutcome:
         """compare_seeds in one go: prepare, run, store."""
-        outcome = await self.run(await self.prepare("compare_seeds", args), RunContext(_Monotonic(progress)))
+        outcome = await self.run(
+            await self.prepare("compare_seeds", args), RunContext(progress or _no_progress)
+        )
         assert isinstance(outcome, CompareOutcome)
         return outcome
 
